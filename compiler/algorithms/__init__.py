@@ -1,0 +1,1 @@
+"""Mesh lowerings of single ops (GEMV, GEMM) onto a rectangular region of cores."""

@@ -1,0 +1,96 @@
+"""Layout files: a MeshProgram (and what it was made for) saved for users to keep.
+
+Format: a numpy `.npz` archive holding the program's arrays plus one `header` entry, a JSON
+document with the format name and version, the program's scalar fields, free metadata (the
+model and target it was compiled for) and a SHA-256 checksum over every array. Loading refuses
+a foreign, truncated, edited or incompatible file with a one-line `LayoutError`. Writing goes to
+a temporary file that is renamed into place, so a crash mid-write never leaves a loadable file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from compiler.program import MeshProgram
+
+FORMAT = "wafersim-layout"
+VERSION = 1
+_SCALARS = ("width", "height", "dtype", "tensors", "meta")
+
+
+class LayoutError(ValueError):
+    """A layout file that cannot be trusted."""
+
+
+def _arrays(program: MeshProgram) -> dict[str, np.ndarray]:
+    return {f.name: getattr(program, f.name) for f in dataclasses.fields(program)
+            if f.name not in _SCALARS}
+
+
+def _checksum(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save_layout(program: MeshProgram, path: str | Path, **info) -> None:
+    """Write `program` to `path` atomically. `info` (JSON-able) is stored in the header."""
+    path = Path(path)
+    arrays = _arrays(program)
+    header = {
+        "format": FORMAT, "version": VERSION, "checksum": _checksum(arrays),
+        "program": {k: getattr(program, k) for k in _SCALARS}, "info": info,
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+                     **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_layout(path: str | Path) -> tuple[MeshProgram, dict]:
+    """Read a layout file; returns (program, info). Raises LayoutError if it is not intact."""
+    path = Path(path)
+    if not path.exists():
+        raise LayoutError(f"layout {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "header" not in z.files:
+                raise LayoutError(f"layout {path}: not a wafersim layout (no header)")
+            header = json.loads(z["header"].tobytes().decode())
+            arrays = {k: z[k] for k in z.files if k != "header"}
+    except LayoutError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, UnicodeDecodeError) as e:
+        raise LayoutError(f"layout {path}: unreadable or truncated ({type(e).__name__})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise LayoutError(f"layout {path}: not a wafersim layout file")
+    if header.get("version") != VERSION:
+        raise LayoutError(f"layout {path}: format version {header.get('version')}, this wafersim "
+                          f"reads version {VERSION}; recompile the model")
+    if _checksum(arrays) != header.get("checksum"):
+        raise LayoutError(f"layout {path}: checksum mismatch, the file was edited or damaged")
+    fields = {f.name for f in dataclasses.fields(MeshProgram)}
+    scalars = header.get("program", {})
+    if set(arrays) | set(scalars) != fields:
+        raise LayoutError(f"layout {path}: arrays do not match the program format")
+    scalars = dict(scalars)
+    scalars["tensors"] = tuple(tuple(t) for t in scalars["tensors"])
+    return MeshProgram(**arrays, **scalars), header.get("info", {})

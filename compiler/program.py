@@ -1,0 +1,354 @@
+"""MeshProgram: per-core instruction streams and a message table, as flat arrays.
+
+The instruction set is small and closed (tinygrad's lesson): COMPUTE, SEND, RECV. Every mesh
+algorithm lowers to it and the simulator has no per-algorithm cases. A COMPUTE names a
+functional op (matmul-accumulate, add, copy, zero) on per-core buffers so the same program can
+be run on numpy data (wafersim.functional) and timed (wafersim.engine).
+
+Messages follow dimension-ordered (X then Y) routes over neighbour links. A link id is
+`core * 4 + direction`: the link leaving `core` towards E, W, N or S. A route is the list of
+link ids a message crosses; the message is delivered at the router at the end of its last link,
+or, for a multicast, at the end of every link (a row/column broadcast on one colour).
+A RECV names a *route entry* (one hop of one message): the delivery it waits for.
+
+`ProgramBuilder` takes instructions, buffers and messages in numpy batches, so lowering a
+600 x 600 region never loops in Python over cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from compiler.targets import DTYPE_BYTES, MeshTarget
+
+# Instruction kinds.
+COMPUTE, SEND, RECV = 0, 1, 2
+KIND_NAMES = ("compute", "send", "recv")
+# Functional ops of COMPUTE instructions.
+OP_NONE, OP_MATMUL_ACC, OP_ADD, OP_COPY, OP_ZERO = 0, 1, 2, 3, 4
+OP_NAMES = ("none", "matmul_acc", "add", "copy", "zero")
+# Link directions, in the order of link ids.
+EAST, WEST, NORTH, SOUTH = 0, 1, 2, 3
+DIRECTION_NAMES = ("E", "W", "N", "S")
+# Largest program the builder makes: about 200 bytes per message on this 24 GB machine class.
+MAX_MESSAGES = 40_000_000
+# Buffer roles.
+SCRATCH, INPUT, OUTPUT = 0, 1, 2
+
+
+class ProgramError(ValueError):
+    """A program that breaks the target's limits or is inconsistent."""
+
+
+@dataclass(frozen=True, eq=False)
+class MeshProgram:
+    """A dataflow program for a `width` x `height` mesh, struct-of-arrays.
+
+    Core `c` sits at x = c % width, y = c // width. Its instructions are
+    `core_ptr[c]:core_ptr[c+1]` of the `ins_*` arrays, executed in order.
+    """
+
+    width: int
+    height: int
+    dtype: str
+    # instructions, grouped by core
+    core_ptr: np.ndarray  # int64[cores + 1]
+    ins_kind: np.ndarray  # int8: COMPUTE / SEND / RECV
+    ins_op: np.ndarray  # int8: OP_* for COMPUTE
+    ins_a: np.ndarray  # int32 buffer id: COMPUTE operand a; SEND source
+    ins_b: np.ndarray  # int32 buffer id: COMPUTE operand b
+    ins_c: np.ndarray  # int32 buffer id: COMPUTE result; RECV destination
+    ins_flops: np.ndarray  # int64
+    ins_bytes: np.ndarray  # int64 SRAM bytes read + written
+    ins_arg: np.ndarray  # int64: SEND message id; RECV route entry
+    # messages
+    msg_src: np.ndarray  # int32 core
+    msg_dst: np.ndarray  # int32 core (last router of the route)
+    msg_bytes: np.ndarray  # int64
+    msg_colour: np.ndarray  # int16
+    msg_multicast: np.ndarray  # bool: delivered at every router of the route
+    route_ptr: np.ndarray  # int64[messages + 1]
+    route_link: np.ndarray  # int32 link ids
+    # buffers
+    buf_core: np.ndarray  # int32
+    buf_rows: np.ndarray  # int32
+    buf_cols: np.ndarray  # int32
+    buf_role: np.ndarray  # int8 SCRATCH / INPUT / OUTPUT
+    buf_tensor: np.ndarray  # int16 index into `tensors`, -1 for scratch
+    buf_r0: np.ndarray  # int32 row offset in the tensor
+    buf_c0: np.ndarray  # int32 column offset in the tensor
+    tensors: tuple[tuple[str, int, int], ...]  # (name, rows, cols)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def cores(self) -> int:
+        return self.width * self.height
+
+    @property
+    def n_instructions(self) -> int:
+        return len(self.ins_kind)
+
+    @property
+    def n_messages(self) -> int:
+        return len(self.msg_src)
+
+    @property
+    def n_hops(self) -> int:
+        return len(self.route_link)
+
+    @property
+    def entry_msg(self) -> np.ndarray:
+        """Message id of every route entry."""
+        return np.repeat(np.arange(self.n_messages, dtype=np.int64), np.diff(self.route_ptr))
+
+    @property
+    def dtype_bytes(self) -> float:
+        return DTYPE_BYTES[self.dtype]
+
+    def buffer_bytes(self) -> np.ndarray:
+        """Bytes of every buffer."""
+        return np.ceil(self.buf_rows.astype(np.int64) * self.buf_cols * self.dtype_bytes
+                       ).astype(np.int64)
+
+    def sram_per_core(self) -> np.ndarray:
+        """Bytes each core holds: every buffer lives for the whole program."""
+        return np.bincount(self.buf_core, weights=self.buffer_bytes(),
+                           minlength=self.cores).astype(np.int64)
+
+    def colours_per_core(self) -> np.ndarray:
+        """Distinct routing colours each router carries (source, transit or destination)."""
+        entry_colour = self.msg_colour[self.entry_msg].astype(np.int64)
+        routers = np.concatenate([self.msg_src.astype(np.int64),
+                                  link_dst(self.route_link, self.width)])
+        colours = np.concatenate([self.msg_colour.astype(np.int64), entry_colour])
+        pairs = np.unique(routers * 65536 + colours)
+        return np.bincount(pairs // 65536, minlength=self.cores)
+
+    def check(self, target: MeshTarget, what: str = "program") -> None:
+        """Refuse a program that breaks the target's per-core SRAM or colour limits."""
+        if self.width > target.width or self.height > target.height:
+            raise ProgramError(f"{what} needs a {self.width}x{self.height} mesh, target "
+                               f"{target.name} has {target.width}x{target.height}")
+        sram = self.sram_per_core()
+        worst = int(np.argmax(sram)) if len(sram) else 0
+        if len(sram) and sram[worst] > target.sram_bytes:
+            x, y = worst % self.width, worst // self.width
+            raise ProgramError(
+                f"{what} needs {sram[worst]:,} B of SRAM on core ({x},{y}), "
+                f"{target.name} cores have {target.sram_bytes:,} B")
+        colours = self.colours_per_core()
+        worst = int(np.argmax(colours)) if len(colours) else 0
+        if len(colours) and colours[worst] > target.colours:
+            x, y = worst % self.width, worst // self.width
+            raise ProgramError(f"{what} routes {colours[worst]} colours through core ({x},{y}), "
+                               f"{target.name} routers have {target.colours}")
+
+
+def link_dst(links: np.ndarray, width: int) -> np.ndarray:
+    """The core at the far end of each link."""
+    links = np.asarray(links, dtype=np.int64)
+    core, direction = links // 4, links % 4
+    step = np.array([1, -1, -width, width], dtype=np.int64)
+    return core + step[direction]
+
+
+def xy_routes(src: np.ndarray, dst: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dimension-ordered routes (X first, then Y) for many messages at once.
+
+    Returns (route_ptr, route_link). Vectorised: no Python loop over messages or hops.
+    """
+    src = np.asarray(src, dtype=np.int64)
+    dst = np.asarray(dst, dtype=np.int64)
+    x0, y0, x1, y1 = src % width, src // width, dst % width, dst // width
+    dx, dy = x1 - x0, y1 - y0
+    hops = np.abs(dx) + np.abs(dy)
+    ptr = np.zeros(len(src) + 1, dtype=np.int64)
+    np.cumsum(hops, out=ptr[1:])
+    msg = np.repeat(np.arange(len(src)), hops)
+    pos = np.arange(ptr[-1], dtype=np.int64) - ptr[msg]
+    adx = np.abs(dx)[msg]
+    in_x = pos < adx
+    sx, sy = np.sign(dx)[msg], np.sign(dy)[msg]
+    x = np.where(in_x, x0[msg] + sx * pos, x1[msg])
+    y = np.where(in_x, y0[msg], y0[msg] + sy * (pos - adx))
+    direction = np.where(in_x, np.where(sx > 0, EAST, WEST), np.where(sy > 0, SOUTH, NORTH))
+    return ptr, ((y * width + x) * 4 + direction).astype(np.int32)
+
+
+class ProgramBuilder:
+    """Collects buffers, messages and instructions in numpy batches; `build()` orders them.
+
+    Each instruction carries a `step` key; a core executes its instructions sorted by step,
+    ties kept in the order they were added. Algorithms therefore describe phases
+    ("step 3: every core in column j sends its partial sum"), not per-core loops.
+    """
+
+    def __init__(self, width: int, height: int, dtype: str = "bf16"):
+        if dtype not in DTYPE_BYTES:
+            raise ProgramError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+        self.width, self.height, self.dtype = width, height, dtype
+        self._bufs: list[tuple] = []
+        self._msgs: list[tuple] = []
+        self._ins: list[tuple] = []
+        self._marks: list[tuple] = []
+        self._n_bufs = 0
+        self._n_msgs = 0
+        self.tensors: list[tuple[str, int, int]] = []
+        self.meta: dict = {}
+
+    def core(self, x, y) -> np.ndarray:
+        return np.asarray(y, dtype=np.int64) * self.width + np.asarray(x, dtype=np.int64)
+
+    def tensor(self, name: str, rows: int, cols: int) -> int:
+        self.tensors.append((name, int(rows), int(cols)))
+        return len(self.tensors) - 1
+
+    def buffers(self, core, rows, cols, role=SCRATCH, tensor=-1, r0=0, c0=0) -> np.ndarray:
+        """Allocate one buffer per entry of `core`; returns their ids."""
+        core = np.atleast_1d(np.asarray(core, dtype=np.int32))
+        n = len(core)
+        cols_ = [core] + [np.broadcast_to(np.asarray(v), n).astype(t) for v, t in (
+            (rows, np.int32), (cols, np.int32), (role, np.int8), (tensor, np.int16),
+            (r0, np.int32), (c0, np.int32))]
+        self._bufs.append(tuple(cols_))
+        ids = np.arange(self._n_bufs, self._n_bufs + n, dtype=np.int32)
+        self._n_bufs += n
+        return ids
+
+    def mark(self, bufs, role, tensor, r0=0, c0=0) -> None:
+        """Give existing buffers a role and tensor slice (e.g. a reduction's root result)."""
+        bufs = np.atleast_1d(np.asarray(bufs, dtype=np.int64))
+        self._marks.append(tuple(np.broadcast_to(np.asarray(v), len(bufs)) for v in (
+            bufs, role, tensor, r0, c0)))
+
+    def messages(self, src, dst, nbytes, colour, multicast=False) -> np.ndarray:
+        """Declare messages (src core -> dst core over an XY route); returns their ids."""
+        src = np.atleast_1d(np.asarray(src, dtype=np.int32))
+        n = len(src)
+        dst = np.broadcast_to(np.asarray(dst, dtype=np.int32), n)
+        if np.any(src == dst):
+            raise ProgramError("a message must leave its core (src == dst)")
+        self._msgs.append((src, dst.copy(), np.broadcast_to(np.asarray(nbytes), n).astype(np.int64),
+                           np.broadcast_to(np.asarray(colour), n).astype(np.int16),
+                           np.broadcast_to(np.asarray(multicast), n).astype(bool)))
+        ids = np.arange(self._n_msgs, self._n_msgs + n, dtype=np.int64)
+        self._n_msgs += n
+        if self._n_msgs > MAX_MESSAGES:
+            raise ProgramError(f"program too large: more than {MAX_MESSAGES:,} messages; use a "
+                               "smaller region or a larger tile per core")
+        return ids
+
+    def _add(self, core, step, kind, op=OP_NONE, a=-1, b=-1, c=-1, flops=-1, nbytes=-1, arg=-1,
+             hop=-1):
+        core = np.atleast_1d(np.asarray(core, dtype=np.int64))
+        n = len(core)
+
+        def col(v, t):
+            return np.broadcast_to(np.asarray(v), n).astype(t)
+
+        self._ins.append((core, col(step, np.int64), col(kind, np.int8), col(op, np.int8),
+                          col(a, np.int32), col(b, np.int32), col(c, np.int32),
+                          col(flops, np.int64), col(nbytes, np.int64), col(arg, np.int64),
+                          col(hop, np.int64)))
+
+    def compute(self, core, step, op, c, a=-1, b=-1, flops=-1, nbytes=-1):
+        """COMPUTE on buffers. flops/bytes default to those of the op on the buffers' shapes."""
+        self._add(core, step, COMPUTE, op=op, a=a, b=b, c=c, flops=flops, nbytes=nbytes)
+
+    def send(self, core, step, msg, buf):
+        self._add(core, step, SEND, a=buf, arg=msg)
+
+    def recv(self, core, step, msg, buf, hop=-1):
+        """RECV message `msg` into `buf`; `hop` is the route position delivering it (-1: last)."""
+        self._add(core, step, RECV, c=buf, arg=msg, hop=hop)
+
+    def build(self, **meta) -> MeshProgram:
+        cores = self.width * self.height
+
+        def cat(parts, i, dtype):
+            if not parts:
+                return np.zeros(0, dtype=dtype)
+            return np.concatenate([p[i] for p in parts]).astype(dtype, copy=False)
+
+        buf = [cat(self._bufs, i, t) for i, t in enumerate(
+            (np.int32, np.int32, np.int32, np.int8, np.int16, np.int32, np.int32))]
+        for ids, role, tensor, r0, c0 in self._marks:
+            buf[3][ids], buf[4][ids], buf[5][ids], buf[6][ids] = role, tensor, r0, c0
+        msg = [cat(self._msgs, i, t) for i, t in enumerate(
+            (np.int32, np.int32, np.int64, np.int16, bool))]
+        ins = [cat(self._ins, i, t) for i, t in enumerate(
+            (np.int64, np.int64, np.int8, np.int8, np.int32, np.int32, np.int32, np.int64,
+             np.int64, np.int64, np.int64))]
+        core, step, kind, op, a, b, c, flops, nbytes, arg, hop = ins
+        if len(core) and (core.min() < 0 or core.max() >= cores):
+            raise ProgramError(f"instruction on a core outside the {self.width}x{self.height} mesh")
+        order = np.lexsort((step, core))  # per core by step; ties keep insertion order
+        kind, arg, hop = kind[order], arg[order], hop[order]
+        n_msgs = len(msg[0])
+        if np.any((kind != COMPUTE) & ((arg < 0) | (arg >= n_msgs))):
+            raise ProgramError("SEND or RECV of an undeclared message")
+        # Number messages in the order they are sent (core by core): the simulator then walks
+        # its per-hop arrays nearly in order, which is what makes it fast on a full wafer.
+        sends = arg[kind == SEND]
+        first = np.full(n_msgs, len(sends), dtype=np.int64)
+        np.minimum.at(first, sends, np.arange(len(sends)))
+        perm = np.argsort(first, kind="stable")
+        new_id = np.empty(n_msgs, dtype=np.int64)
+        new_id[perm] = np.arange(n_msgs)
+        msg = [v[perm] for v in msg]
+        if n_msgs:
+            arg = np.where(kind == COMPUTE, arg, new_id[np.clip(arg, 0, n_msgs - 1)])
+        route_ptr, route_link = xy_routes(msg[0], msg[1], self.width)
+
+        # RECV: (message, hop) -> route entry, checked to end at the receiving core.
+        core = core[order]
+        is_recv = kind == RECV
+        m = arg[is_recv]
+        h = hop[is_recv]
+        n_hops = route_ptr[m + 1] - route_ptr[m]
+        if np.any(h >= n_hops):
+            raise ProgramError("RECV at a hop beyond the message's route")
+        entry = np.where(h < 0, route_ptr[m + 1] - 1, route_ptr[m] + h)
+        at = link_dst(route_link[entry], self.width)
+        bad = at != core[is_recv]
+        if np.any(bad):
+            i = int(np.argmax(bad))
+            raise ProgramError(f"RECV on core {core[is_recv][i]} of message {m[i]}, which is not "
+                               f"delivered there (its route passes core {at[i]})")
+        if np.any(~msg[4][m] & (h >= 0) & (h != n_hops - 1)):
+            raise ProgramError("RECV at an intermediate hop of a message that is not multicast")
+        arg[is_recv] = entry
+        op, a, b, c = op[order], a[order], b[order], c[order]
+        flops, nbytes, step = flops[order], nbytes[order], step[order]
+
+        # Default FLOPs and SRAM bytes of compute ops, from the buffers' shapes.
+        db = DTYPE_BYTES[self.dtype]
+        rows, cols = buf[1].astype(np.int64), buf[2].astype(np.int64)
+        is_comp = kind == COMPUTE
+        ia, ib, ic = (np.where(v >= 0, v, 0) for v in (a, b, c))
+        size_c = np.where(c >= 0, rows[ic] * cols[ic], 0)
+        mm = is_comp & (op == OP_MATMUL_ACC)
+        f_def = np.where(mm, 2 * rows[ia] * cols[ia] * cols[ib],
+                         np.where(is_comp & (op == OP_ADD), size_c, 0))
+        elems = np.where(mm, rows[ia] * cols[ia] + rows[ib] * cols[ib] + 2 * size_c,
+                         np.where(op == OP_ADD, 3 * size_c,
+                                  np.where(op == OP_COPY, 2 * size_c,
+                                           np.where(op == OP_ZERO, size_c, 0))))
+        b_def = np.ceil(np.where(is_comp, elems, 0) * db).astype(np.int64)
+        flops = np.where(flops < 0, f_def, flops)
+        nbytes = np.where(nbytes < 0, b_def, nbytes)
+
+        core_ptr = np.zeros(cores + 1, dtype=np.int64)
+        np.cumsum(np.bincount(core, minlength=cores), out=core_ptr[1:])
+        return MeshProgram(
+            width=self.width, height=self.height, dtype=self.dtype, core_ptr=core_ptr,
+            ins_kind=kind, ins_op=op, ins_a=a, ins_b=b, ins_c=c, ins_flops=flops,
+            ins_bytes=nbytes, ins_arg=arg,
+            msg_src=msg[0], msg_dst=msg[1], msg_bytes=msg[2], msg_colour=msg[3],
+            msg_multicast=msg[4], route_ptr=route_ptr, route_link=route_link,
+            buf_core=buf[0], buf_rows=buf[1], buf_cols=buf[2], buf_role=buf[3],
+            buf_tensor=buf[4], buf_r0=buf[5], buf_c0=buf[6], tensors=tuple(self.tensors),
+            meta={**self.meta, **meta},
+        )

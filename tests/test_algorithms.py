@@ -1,0 +1,97 @@
+"""Functional checks: every mesh algorithm, run on numpy data, returns the reference result."""
+
+import numpy as np
+import pytest
+
+from compiler.algorithms.meshgemm import GEMM_ALGOS, interleaved_ring, lower_gemm
+from compiler.algorithms.meshgemv import GEMV_ALGOS, lower_gemv
+from compiler.program import ProgramError
+from compiler.targets import WSE2
+from wafersim.functional import execute
+
+MESHES = [(1, 1), (4, 4), (3, 5), (6, 2), (7, 9)]  # rows x cols, square and not
+
+
+@pytest.mark.parametrize("algo", GEMV_ALGOS)
+@pytest.mark.parametrize("rows,cols", MESHES)
+@pytest.mark.parametrize("allreduce", [True, False])
+def test_gemv_matches_numpy(algo, rows, cols, allreduce):
+    rng = np.random.default_rng(rows * 10 + cols)
+    b, k, n = 3, 41, 29  # divide evenly by none of the mesh sides
+    x = rng.standard_normal((b, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    prog = lower_gemv(b, k, n, rows, cols, algo, allreduce=allreduce)
+    out = execute(prog, {"x": x, "W": w})
+    np.testing.assert_allclose(out["y"], x @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_ktree_levels_all_give_the_same_result(levels):
+    rng = np.random.default_rng(levels)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    w = rng.standard_normal((64, 16)).astype(np.float32)
+    prog = lower_gemv(1, 64, 16, 16, 4, levels=levels)
+    np.testing.assert_allclose(execute(prog, {"x": x, "W": w})["y"], x @ w, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_gemv_allreduce_leaves_result_on_every_core_of_a_column():
+    prog = lower_gemv(1, 32, 8, 8, 4)
+    holders = np.bincount(prog.buf_core[prog.buf_role == 2], minlength=prog.cores)
+    assert (holders == 1).all()
+
+
+@pytest.mark.parametrize("algo", GEMM_ALGOS)
+@pytest.mark.parametrize("rows,cols", MESHES)
+def test_gemm_matches_numpy(algo, rows, cols):
+    rng = np.random.default_rng(rows * 10 + cols)
+    m, k, n = 13, 29, 17
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    prog = lower_gemm(m, k, n, rows, cols, algo)
+    np.testing.assert_allclose(execute(prog, {"A": a, "B": b})["C"], a @ b, rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("s", range(2, 12))
+def test_interleaved_ring_neighbours_are_at_most_two_hops_apart(s):
+    ring = interleaved_ring(s)
+    assert sorted(ring) == list(range(s))
+    assert np.abs(np.diff(np.append(ring, ring[0]))).max() <= 2
+
+
+def test_meshgemm_messages_travel_at_most_two_hops_but_cannon_wraps_across_the_row():
+    mesh = lower_gemm(64, 64, 64, 8, 8, "meshgemm")
+    cannon = lower_gemm(64, 64, 64, 8, 8, "cannon")
+    assert np.diff(mesh.route_ptr).max() == 2
+    assert np.diff(cannon.route_ptr).max() == 7
+
+
+def test_tile_too_big_for_sram_is_refused_with_core_and_limit():
+    with pytest.raises(ProgramError, match=r"needs [\d,]+ B of SRAM on core .* 49,152 B"):
+        lower_gemv(1, 4096, 4096, 4, 4, target=WSE2)
+
+
+def test_too_many_colours_is_refused():
+    target = WSE2.with_mesh(64, 64)
+    import dataclasses
+    few = dataclasses.replace(target, colours=2)
+    with pytest.raises(ProgramError, match="colours"):
+        lower_gemv(1, 256, 64, 64, 4, levels=3, target=few)
+
+
+def test_program_bigger_than_the_target_is_refused():
+    with pytest.raises(ProgramError, match="mesh"):
+        lower_gemv(1, 64, 64, 16, 16, target=WSE2.with_mesh(8, 8))
+
+
+@pytest.mark.parametrize("bad", [dict(b=0), dict(k=-3), dict(n=2.5)])
+def test_bad_dimensions_are_refused(bad):
+    dims = dict(b=1, k=8, n=8) | bad
+    with pytest.raises(ProgramError, match="must be an integer >= 1"):
+        lower_gemv(dims["b"], dims["k"], dims["n"], 2, 2)
+
+
+def test_unknown_algorithm_is_refused():
+    with pytest.raises(ProgramError, match="not one of"):
+        lower_gemm(8, 8, 8, 2, 2, "strassen")

@@ -1,0 +1,1 @@
+"""Discrete-event simulation of mesh programs, the GPU baseline, and the CLI."""

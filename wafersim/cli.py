@@ -1,0 +1,160 @@
+"""The `wafersim` command line.
+
+Every command that prints results also takes `--json` and then prints exactly one JSON object
+on stdout. Bad input (a model, target, shape or algorithm the tool cannot use) ends with a
+one-line `error: ...` on stderr and exit status 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from compiler.algorithms.meshgemm import GEMM_ALGOS, lower_gemm
+from compiler.algorithms.meshgemv import GEMV_ALGOS, lower_gemv
+from compiler.layout import LayoutError
+from compiler.program import ProgramError
+from compiler.targets import PRESETS, TargetError, load_target
+from wafersim.result import SimulationError
+from wafersim.simulate import simulate
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Wafer-scale chip compiler and simulator for transformer inference.")
+console = Console(width=None if sys.stdout.isatty() else 160)
+_state = {"debug": False}
+USER_ERRORS = (ValueError, ProgramError, TargetError, SimulationError, LayoutError)
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")):
+    _state["debug"] = debug
+
+
+def user_errors(fn):
+    """Turn bad-input exceptions into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            if _state["debug"]:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    """'360x360' or '4x6' -> (rows, cols); the first number is rows (P), the second cols (Q)."""
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--mesh {text!r}: expected ROWSxCOLS, e.g. 360x360") from None
+    if rows < 1 or cols < 1:
+        raise ValueError(f"--mesh {text!r}: both sides must be >= 1")
+    return rows, cols
+
+
+def emit(obj: dict) -> None:
+    print(json.dumps(obj, default=float))
+
+
+@app.command()
+@user_errors
+def info(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
+    """List the wafer targets and the model zoo."""
+    targets = [{"name": name, "mesh": f"{t.width}x{t.height}", "cores": t.cores,
+                "sram_bytes_per_core": t.sram_bytes, "clock_hz": t.clock_hz,
+                "peak_fp16_flops": t.peak_flops("fp16")} for name, t in PRESETS.items()]
+    models = _zoo_rows()
+    if as_json:
+        emit({"targets": targets, "models": models})
+        return
+    table = Table("target", "mesh", "cores", "SRAM/core", "peak fp16", title="Wafer targets")
+    for t in targets:
+        table.add_row(t["name"], t["mesh"], f"{t['cores']:,}", f"{t['sram_bytes_per_core']:,} B",
+                      f"{t['peak_fp16_flops'] / 1e15:.2f} PFLOP/s")
+    console.print(table)
+    table = Table("model", "params", "layers", "hidden", "heads / kv", title="Model zoo")
+    for m in models:
+        table.add_row(m["name"], f"{m['params'] / 1e9:.2f} B", str(m["layers"]),
+                      str(m["hidden"]), f"{m['heads']} / {m['kv_heads']}")
+    console.print(table)
+
+
+def _zoo_rows() -> list[dict]:
+    from models import load_model, zoo_names
+
+    rows = []
+    for name in zoo_names():
+        cfg = load_model(name)
+        rows.append({"name": name, "params": cfg.param_count(), "layers": cfg.num_hidden_layers,
+                     "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
+                     "kv_heads": cfg.num_key_value_heads})
+    return rows
+
+
+@app.command()
+@user_errors
+def op(
+    kind: str = typer.Argument(..., help="gemv or gemm"),
+    m: int = typer.Option(1, "--m", help="Rows of x / A (the batch, for gemv)."),
+    k: int = typer.Option(4096, "--k", help="Inner dimension."),
+    n: int = typer.Option(14336, "--n", help="Output columns."),
+    mesh: str = typer.Option("360x360", "--mesh", help="Region of cores, ROWSxCOLS."),
+    algo: str = typer.Option("all", "--algo", help="Algorithm name, or 'all' to compare."),
+    target: str = typer.Option("wse2", "--target", help="Preset name or target TOML/JSON file."),
+    levels: int = typer.Option(2, "--levels", help="K-tree levels (meshgemv)."),
+    dtype: str = typer.Option("bf16", "--dtype"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Lower one GEMV or GEMM onto a region and simulate it, per algorithm."""
+    tgt = load_target(target)
+    rows, cols = parse_mesh(mesh)
+    if kind not in ("gemv", "gemm"):
+        raise ValueError(f"op kind {kind!r} is not one of gemv, gemm")
+    algos = GEMV_ALGOS if kind == "gemv" else GEMM_ALGOS
+    chosen = algos if algo == "all" else (algo,)
+    results = []
+    for name in chosen:
+        if kind == "gemv":
+            prog = lower_gemv(m, k, n, rows, cols, name, levels=levels, dtype=dtype, target=tgt)
+        else:
+            prog = lower_gemm(m, k, n, rows, cols, name, dtype=dtype, target=tgt)
+        res = simulate(prog, tgt)
+        fr = res.fractions()
+        results.append({
+            "algo": name, "grid": f"{prog.meta['rows']}x{prog.meta['cols']}",
+            "makespan_s": res.makespan_s, "makespan_cycles": res.makespan_cycles,
+            "achieved_flops_per_s": res.achieved_flops(),
+            "busy_fraction": fr["busy"], "overhead_fraction": fr["overhead"],
+            "idle_fraction": fr["idle"], "onchip_bytes": res.onchip_bytes,
+            "max_link_utilisation": res.link_utilisation(),
+            "sram_bytes_max": int(prog.sram_per_core().max()), "messages": res.messages,
+            "hops": res.hops, "events": res.events, "sim_wall_s": res.sim_wall_s,
+        })
+    best = min(results, key=lambda r: r["makespan_cycles"])
+    summary = {"system": tgt.name, "op": kind, "m": m, "k": k, "n": n, "mesh": mesh,
+               "dtype": dtype, "results": results, "best": best["algo"]}
+    if as_json:
+        emit(summary)
+        return
+    shape = f"[{m},{k}] x [{k},{n}]"
+    table = Table("algorithm", "grid", "time", "vs best", "TFLOP/s", "busy", "overhead", "idle",
+                  "on-chip traffic", "hottest link", "SRAM/core", "events",
+                  title=f"{kind.upper()} {shape} on {mesh} cores of {tgt.name}")
+    for r in results:
+        table.add_row(r["algo"], r["grid"], f"{r['makespan_s'] * 1e6:.2f} us",
+                      f"{r['makespan_cycles'] / best['makespan_cycles']:.2f}x",
+                      f"{r['achieved_flops_per_s'] / 1e12:.2f}", f"{r['busy_fraction']:.1%}",
+                      f"{r['overhead_fraction']:.1%}", f"{r['idle_fraction']:.1%}",
+                      f"{r['onchip_bytes'] / 1e6:.2f} MB", f"{r['max_link_utilisation']:.1%}",
+                      f"{r['sram_bytes_max']:,} B", f"{r['events']:,}")
+    console.print(table)
