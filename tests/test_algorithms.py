@@ -95,3 +95,33 @@ def test_bad_dimensions_are_refused(bad):
 def test_unknown_algorithm_is_refused():
     with pytest.raises(ProgramError, match="not one of"):
         lower_gemm(8, 8, 8, 2, 2, "strassen")
+
+
+@pytest.mark.parametrize("algo", GEMV_ALGOS)
+@pytest.mark.parametrize("rows,cols", [(4, 4), (3, 5), (6, 2)])
+def test_gemv_with_k_over_columns_matches_numpy(algo, rows, cols):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 23)).astype(np.float32)
+    w = rng.standard_normal((23, 31)).astype(np.float32)
+    prog = lower_gemv(2, 23, 31, rows, cols, algo, k_axis="cols")
+    np.testing.assert_allclose(execute(prog, {"x": x, "W": w})["y"], x @ w, rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,cols", [(4, 4), (5, 3)])
+def test_chained_gemvs_with_alternating_axes_need_no_data_movement(rows, cols):
+    """y = (x @ W1) @ W2: the first GEMV's output layout is the second's input layout."""
+    from compiler.algorithms.common import Region
+    from compiler.algorithms.meshgemv import gemv
+    from compiler.program import ProgramBuilder
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 19)).astype(np.float32)
+    w1 = rng.standard_normal((19, 26)).astype(np.float32)
+    w2 = rng.standard_normal((26, 17)).astype(np.float32)
+    bld = ProgramBuilder(cols, rows, "fp32")
+    h, step = gemv(bld, Region(rows, cols), 1, 19, 26, names=("x", "W1", None))
+    gemv(bld, Region(rows, cols), 1, 26, 17, k_axis="cols", x=h, names=(None, "W2", "y"),
+         step=step)
+    out = execute(bld.build(), {"x": x, "W1": w1, "W2": w2})
+    np.testing.assert_allclose(out["y"], x @ w1 @ w2, rtol=1e-4, atol=1e-4)

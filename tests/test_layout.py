@@ -44,30 +44,32 @@ def test_truncated_file_is_refused(saved):
         load_layout(path)
 
 
-def test_edited_array_is_refused(saved, tmp_path):
-    _, path = saved
+def rewrite(path, out, edit):
+    """Copy a layout's arrays to `out` after `edit(arrays)`, bypassing save_layout."""
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
-    arrays["msg_bytes"] = arrays["msg_bytes"] + 1
-    edited = tmp_path / "edited.wsl"
-    with open(edited, "wb") as f:
+    edit(arrays)
+    with open(out, "wb") as f:
         np.savez(f, **arrays)
+    return out
+
+
+def test_edited_array_is_refused(saved, tmp_path):
+    def edit(arrays):
+        arrays["msg_bytes"] = arrays["msg_bytes"] + 1
+
     with pytest.raises(LayoutError, match="checksum mismatch"):
-        load_layout(edited)
+        load_layout(rewrite(saved[1], tmp_path / "edited.wsl", edit))
 
 
 def test_other_version_is_refused(saved, tmp_path):
-    _, path = saved
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    header = json.loads(arrays["header"].tobytes())
-    header["version"] = 999
-    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    other = tmp_path / "v999.wsl"
-    with open(other, "wb") as f:
-        np.savez(f, **arrays)
+    def edit(arrays):
+        header = json.loads(arrays["header"].tobytes())
+        header["version"] = 999
+        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+
     with pytest.raises(LayoutError, match="format version 999"):
-        load_layout(other)
+        load_layout(rewrite(saved[1], tmp_path / "v999.wsl", edit))
 
 
 def test_foreign_files_are_refused(tmp_path):

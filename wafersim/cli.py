@@ -135,8 +135,8 @@ def op(
             "makespan_s": res.makespan_s, "makespan_cycles": res.makespan_cycles,
             "achieved_flops_per_s": res.achieved_flops(),
             "busy_fraction": fr["busy"], "overhead_fraction": fr["overhead"],
-            "idle_fraction": fr["idle"], "onchip_bytes": res.onchip_bytes,
-            "max_link_utilisation": res.link_utilisation(),
+            "idle_fraction": fr["idle"], "onchip_bytes": res.onchip_bytes, "offchip_bytes": 0,
+            "fits": True, "max_link_utilisation": res.link_utilisation(),
             "sram_bytes_max": int(prog.sram_per_core().max()), "messages": res.messages,
             "hops": res.hops, "events": res.events, "sim_wall_s": res.sim_wall_s,
         })

@@ -30,28 +30,53 @@ GEMV_ALGOS = ("meshgemv", "ring")
 
 
 def gemv(bld: ProgramBuilder, region: Region, b: int, k: int, n: int, algo: str = "meshgemv",
-         *, levels: int = 2, allreduce: bool = True, step: int = 0) -> int:
-    """Add a GEMV on `region` to `bld` (tensors "x", "W", "y"). Returns the next free step."""
+         *, k_axis: str = "rows", x=None, names=("x", "W", "y"), levels: int = 2,
+         allreduce: bool = True, step: int = 0):
+    """Add a GEMV on `region` to `bld`. Returns (y buffers, next free step).
+
+    `k_axis="rows"`: K is split over the region's rows and N over its columns; the partial sums
+    are reduced along each column, so y ends split over columns (and, with `allreduce`, held by
+    every core of its column). `k_axis="cols"` is the transpose. Chaining GEMVs with alternating
+    `k_axis` needs no data movement between them: the output layout of one is the input layout
+    of the next (WaferLLM's decode dataflow).
+
+    `x`: None to read x from the tensor `names[0]`, or a [rows, cols] array of buffer ids
+    holding x's K-chunks in the layout `k_axis` expects. W is read from tensor `names[1]`; y is
+    an output tensor `names[2]` unless that name is None. The returned array of y buffers is
+    [rows, cols] over the region's active cores (-1 where a core holds no y).
+    """
     check_dims(b=b, k=k, n=n, levels=levels)
     if algo not in GEMV_ALGOS:
         raise ProgramError(f"gemv algorithm {algo!r} is not one of {', '.join(GEMV_ALGOS)}")
-    rows, cols = min(region.rows, k), min(region.cols, n)  # no empty tiles
-    cores = Region(rows, cols, region.x0, region.y0).cores(bld.width)
+    if k_axis not in ("rows", "cols"):
+        raise ProgramError(f"gemv k_axis {k_axis!r} is not one of rows, cols")
+    grid = region.cores(bld.width)
+    flip = k_axis == "cols"
+    if flip:  # work in the frame where K runs down axis 0
+        grid = grid.T
+        x = None if x is None else np.asarray(x).T
+    rows, cols = min(grid.shape[0], k), min(grid.shape[1], n)  # no empty tiles
+    cores = grid[:rows, :cols]
     k0, ks = split(k, rows)
     n0, ns = split(n, cols)
     ki, nj = np.broadcast_arrays(np.arange(rows)[:, None], np.arange(cols)[None, :])
 
-    tx, tw, ty = bld.tensor("x", b, k), bld.tensor("W", k, n), bld.tensor("y", b, n)
+    tw = bld.tensor(names[1], k, n)
+    ty = bld.tensor(names[2], b, n) if names[2] else -1
     w = bld.buffers(cores.ravel(), ks[ki].ravel(), ns[nj].ravel(), INPUT, tw,
                     k0[ki].ravel(), n0[nj].ravel()).reshape(rows, cols)
-    x = bld.buffers(cores.ravel(), b, ks[ki].ravel(), INPUT, tx, 0,
-                    k0[ki].ravel()).reshape(rows, cols)
+    if x is None:
+        tx = bld.tensor(names[0], b, k)
+        x = bld.buffers(cores.ravel(), b, ks[ki].ravel(), INPUT, tx, 0,
+                        k0[ki].ravel()).reshape(rows, cols)
+    else:
+        x = x[:rows, :cols]
     acc = bld.buffers(cores.ravel(), b, ns[nj].ravel(), SCRATCH).reshape(rows, cols)
     tmp = bld.buffers(cores.ravel(), b, ns[nj].ravel(), SCRATCH).reshape(rows, cols)
     bld.compute(cores.ravel(), step, OP_ZERO, c=acc.ravel())
     bld.compute(cores.ravel(), step + 1, OP_MATMUL_ACC, c=acc.ravel(), a=x.ravel(), b=w.ravel())
 
-    # Reduce along columns: line j is column j, position i is row i.
+    # Reduce along axis 0: line j is column j of this frame, position i is row i.
     lines, acc_l, tmp_l = cores.T, acc.T, tmp.T
     nbytes = np.ceil(b * ns * DTYPE_BYTES[bld.dtype]).astype(np.int64)
     if algo == "meshgemv":
@@ -60,22 +85,27 @@ def gemv(bld: ProgramBuilder, region: Region, b: int, k: int, n: int, algo: str 
     else:
         root, step = chain_reduce(bld, lines, acc_l, tmp_l, step + 2, 0, nbytes)
         colour = 1
-    # The root's accumulator is its copy of y[:, N_j]; an all-reduce multicasts it down the column.
-    bld.mark(acc_l[:, root], OUTPUT, ty, 0, n0)
+    # The root's accumulator is its copy of y[:, N_j]; an all-reduce multicasts it down the line.
+    out = np.full(cores.shape, -1, dtype=np.int64)
+    out[root, :] = acc_l[:, root]
+    if ty >= 0:
+        bld.mark(acc_l[:, root], OUTPUT, ty, 0, n0)
     if allreduce and rows > 1:
         others = np.delete(np.arange(rows), root)
-        out = bld.buffers(lines[:, others].ravel(), b, np.repeat(ns, rows - 1), OUTPUT, ty, 0,
-                          np.repeat(n0, rows - 1))
-        out_l = np.full(lines.shape, -1, dtype=np.int64)
-        out_l[:, others] = out.reshape(cols, rows - 1)
-        step = line_broadcast(bld, lines, root, acc_l[:, root], out_l, step, colour, nbytes)
+        role = OUTPUT if ty >= 0 else SCRATCH
+        copies = bld.buffers(lines[:, others].ravel(), b, np.repeat(ns, rows - 1), role, ty, 0,
+                             np.repeat(n0, rows - 1)).reshape(cols, rows - 1)
+        out[others, :] = copies.T
+        step = line_broadcast(bld, lines, root, acc_l[:, root], out.T, step, colour, nbytes)
     bld.meta.update(op="gemv", algo=algo, b=b, k=k, n=n, rows=rows, cols=cols,
                     levels=levels if algo == "meshgemv" else None, allreduce=allreduce)
-    return step
+    full = np.full(grid.shape, -1, dtype=np.int64)
+    full[:rows, :cols] = out
+    return (full.T if flip else full), step
 
 
 def lower_gemv(b: int, k: int, n: int, rows: int, cols: int, algo: str = "meshgemv", *,
-               levels: int = 2, allreduce: bool = True, dtype: str = "bf16",
+               k_axis: str = "rows", levels: int = 2, allreduce: bool = True, dtype: str = "bf16",
                target: MeshTarget | None = None) -> MeshProgram:
     """A program computing y = x @ W on a rows x cols mesh, checked against `target`.
 
@@ -85,5 +115,6 @@ def lower_gemv(b: int, k: int, n: int, rows: int, cols: int, algo: str = "meshge
     """
     check_dims(rows=rows, cols=cols)
     bld = ProgramBuilder(cols, rows, dtype)
-    gemv(bld, Region(rows, cols), b, k, n, algo, levels=levels, allreduce=allreduce)
+    gemv(bld, Region(rows, cols), b, k, n, algo, k_axis=k_axis, levels=levels,
+         allreduce=allreduce)
     return finish(bld.build(), target, f"gemv [{b},{k}]x[{k},{n}] on {cols}x{rows} cores")
