@@ -26,9 +26,18 @@ from compiler.targets import DTYPE_BYTES, MeshTarget
 # Instruction kinds.
 COMPUTE, SEND, RECV = 0, 1, 2
 KIND_NAMES = ("compute", "send", "recv")
-# Functional ops of COMPUTE instructions.
+# Functional ops of COMPUTE instructions (numpy semantics in wafersim.functional):
+#   matmul_acc c += a @ b      add  c = a + b      copy c = a        zero c = 0
+#   mul        c = a * b (b broadcast: a row [1, n] or a column [m, 1])
+#   sqsum      c = sum(a * a, axis=1) as [m, 1]
+#   rsqrt      c = 1 / sqrt(a * imm0 + imm1)       silu c = a * sigmoid(a)
+#   gelu       c = gelu(a) (tanh form)
 OP_NONE, OP_MATMUL_ACC, OP_ADD, OP_COPY, OP_ZERO = 0, 1, 2, 3, 4
-OP_NAMES = ("none", "matmul_acc", "add", "copy", "zero")
+OP_MUL, OP_SQSUM, OP_RSQRT, OP_SILU, OP_GELU = 5, 6, 7, 8, 9
+OP_NAMES = ("none", "matmul_acc", "add", "copy", "zero", "mul", "sqsum", "rsqrt", "silu",
+            "gelu")
+# FLOPs charged per element of the result of element-wise ops (exp/tanh/sqrt taken as 4).
+OP_FLOPS_PER_ELEMENT = {OP_ADD: 1, OP_MUL: 1, OP_RSQRT: 6, OP_SILU: 6, OP_GELU: 8}
 # Link directions, in the order of link ids.
 EAST, WEST, NORTH, SOUTH = 0, 1, 2, 3
 DIRECTION_NAMES = ("E", "W", "N", "S")
@@ -63,6 +72,7 @@ class MeshProgram:
     ins_flops: np.ndarray  # int64
     ins_bytes: np.ndarray  # int64 SRAM bytes read + written
     ins_arg: np.ndarray  # int64: SEND message id; RECV route entry
+    ins_imm: np.ndarray  # float64[n, 2]: immediates of COMPUTE ops (rsqrt's scale and eps)
     # messages
     msg_src: np.ndarray  # int32 core
     msg_dst: np.ndarray  # int32 core (last router of the route)
@@ -241,7 +251,7 @@ class ProgramBuilder:
         return ids
 
     def _add(self, core, step, kind, op=OP_NONE, a=-1, b=-1, c=-1, flops=-1, nbytes=-1, arg=-1,
-             hop=-1):
+             hop=-1, imm=(0.0, 0.0)):
         core = np.atleast_1d(np.asarray(core, dtype=np.int64))
         n = len(core)
 
@@ -251,11 +261,19 @@ class ProgramBuilder:
         self._ins.append((core, col(step, np.int64), col(kind, np.int8), col(op, np.int8),
                           col(a, np.int32), col(b, np.int32), col(c, np.int32),
                           col(flops, np.int64), col(nbytes, np.int64), col(arg, np.int64),
-                          col(hop, np.int64)))
+                          col(hop, np.int64), col(imm[0], np.float64), col(imm[1], np.float64)))
 
-    def compute(self, core, step, op, c, a=-1, b=-1, flops=-1, nbytes=-1):
+    def compute(self, core, step, op, c, a=-1, b=-1, flops=-1, nbytes=-1, imm=(0.0, 0.0)):
         """COMPUTE on buffers. flops/bytes default to those of the op on the buffers' shapes."""
-        self._add(core, step, COMPUTE, op=op, a=a, b=b, c=c, flops=flops, nbytes=nbytes)
+        self._add(core, step, COMPUTE, op=op, a=a, b=b, c=c, flops=flops, nbytes=nbytes, imm=imm)
+
+    def like(self, bufs, cols=None) -> np.ndarray:
+        """New scratch buffers on the same cores as `bufs`, of the same shape (or `cols` wide)."""
+        bufs = np.asarray(bufs)
+        flat = bufs.ravel()
+        core, rows, width = (np.concatenate([p[i] for p in self._bufs])[flat] for i in (0, 1, 2))
+        new = self.buffers(core, rows, width if cols is None else cols)
+        return new.reshape(bufs.shape)
 
     def send(self, core, step, msg, buf):
         self._add(core, step, SEND, a=buf, arg=msg)
@@ -280,8 +298,8 @@ class ProgramBuilder:
             (np.int32, np.int32, np.int64, np.int16, bool))]
         ins = [cat(self._ins, i, t) for i, t in enumerate(
             (np.int64, np.int64, np.int8, np.int8, np.int32, np.int32, np.int32, np.int64,
-             np.int64, np.int64, np.int64))]
-        core, step, kind, op, a, b, c, flops, nbytes, arg, hop = ins
+             np.int64, np.int64, np.int64, np.float64, np.float64))]
+        core, step, kind, op, a, b, c, flops, nbytes, arg, hop, imm0, imm1 = ins
         if len(core) and (core.min() < 0 or core.max() >= cores):
             raise ProgramError(f"instruction on a core outside the {self.width}x{self.height} mesh")
         order = np.lexsort((step, core))  # per core by step; ties keep insertion order
@@ -322,6 +340,7 @@ class ProgramBuilder:
         arg[is_recv] = entry
         op, a, b, c = op[order], a[order], b[order], c[order]
         flops, nbytes, step = flops[order], nbytes[order], step[order]
+        imm = np.stack([imm0[order], imm1[order]], axis=1)
 
         # Default FLOPs and SRAM bytes of compute ops, from the buffers' shapes.
         db = DTYPE_BYTES[self.dtype]
@@ -329,13 +348,19 @@ class ProgramBuilder:
         is_comp = kind == COMPUTE
         ia, ib, ic = (np.where(v >= 0, v, 0) for v in (a, b, c))
         size_c = np.where(c >= 0, rows[ic] * cols[ic], 0)
+        size_a = np.where(a >= 0, rows[ia] * cols[ia], 0)
+        size_b = np.where(b >= 0, rows[ib] * cols[ib], 0)
         mm = is_comp & (op == OP_MATMUL_ACC)
-        f_def = np.where(mm, 2 * rows[ia] * cols[ia] * cols[ib],
-                         np.where(is_comp & (op == OP_ADD), size_c, 0))
-        elems = np.where(mm, rows[ia] * cols[ia] + rows[ib] * cols[ib] + 2 * size_c,
-                         np.where(op == OP_ADD, 3 * size_c,
-                                  np.where(op == OP_COPY, 2 * size_c,
-                                           np.where(op == OP_ZERO, size_c, 0))))
+        per_element = np.zeros(len(OP_NAMES), dtype=np.int64)
+        for code, f in OP_FLOPS_PER_ELEMENT.items():
+            per_element[code] = f
+        f_def = np.where(mm, 2 * size_a * cols[ib],
+                         np.where(op == OP_SQSUM, 2 * size_a, per_element[op] * size_c))
+        # elements read and written
+        elems = np.select(
+            [mm, np.isin(op, (OP_ADD, OP_MUL)), np.isin(op, (OP_COPY, OP_SQSUM, OP_RSQRT,
+                                                            OP_SILU, OP_GELU)), op == OP_ZERO],
+            [size_a + size_b + 2 * size_c, size_a + size_b + size_c, size_a + size_c, size_c], 0)
         b_def = np.ceil(np.where(is_comp, elems, 0) * db).astype(np.int64)
         flops = np.where(flops < 0, f_def, flops)
         nbytes = np.where(nbytes < 0, b_def, nbytes)
@@ -345,7 +370,7 @@ class ProgramBuilder:
         return MeshProgram(
             width=self.width, height=self.height, dtype=self.dtype, core_ptr=core_ptr,
             ins_kind=kind, ins_op=op, ins_a=a, ins_b=b, ins_c=c, ins_flops=flops,
-            ins_bytes=nbytes, ins_arg=arg,
+            ins_bytes=nbytes, ins_arg=arg, ins_imm=imm,
             msg_src=msg[0], msg_dst=msg[1], msg_bytes=msg[2], msg_colour=msg[3],
             msg_multicast=msg[4], route_ptr=route_ptr, route_link=route_link,
             buf_core=buf[0], buf_rows=buf[1], buf_cols=buf[2], buf_role=buf[3],

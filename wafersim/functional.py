@@ -18,8 +18,13 @@ from compiler.program import (
     INPUT,
     OP_ADD,
     OP_COPY,
+    OP_GELU,
     OP_MATMUL_ACC,
+    OP_MUL,
     OP_NONE,
+    OP_RSQRT,
+    OP_SILU,
+    OP_SQSUM,
     OP_ZERO,
     OUTPUT,
     RECV,
@@ -65,7 +70,7 @@ def execute(program: MeshProgram, inputs: dict[str, np.ndarray], dtype=np.float3
                 kind = program.ins_kind[i]
                 a, b, dst = program.ins_a[i], program.ins_b[i], program.ins_c[i]
                 if kind == COMPUTE:
-                    _compute(program.ins_op[i], data, a, b, dst)
+                    _compute(program.ins_op[i], data, a, b, dst, program.ins_imm[i])
                 elif kind == SEND:
                     payload[int(program.ins_arg[i])] = data[a].copy()
                 else:
@@ -105,11 +110,22 @@ def execute(program: MeshProgram, inputs: dict[str, np.ndarray], dtype=np.float3
     return outputs
 
 
-def _compute(op, data, a, b, c):
+def _compute(op, data, a, b, c, imm):
     if op == OP_MATMUL_ACC:
         data[c] += data[a] @ data[b]
     elif op == OP_ADD:
         data[c] = data[a] + data[b]
+    elif op == OP_MUL:
+        data[c] = data[a] * data[b]
+    elif op == OP_SQSUM:
+        data[c] = np.sum(data[a] * data[a], axis=1, keepdims=True)
+    elif op == OP_RSQRT:
+        data[c] = 1.0 / np.sqrt(data[a] * imm[0] + imm[1])
+    elif op == OP_SILU:
+        data[c] = data[a] / (1.0 + np.exp(-data[a]))
+    elif op == OP_GELU:
+        x = data[a]
+        data[c] = 0.5 * x * (1.0 + np.tanh(0.7978845608 * (x + 0.044715 * x ** 3)))
     elif op == OP_COPY:
         data[c] = data[a].copy()
     elif op == OP_ZERO:
