@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 
 from compiler.targets import DTYPE_BYTES, MeshTarget
@@ -43,6 +44,7 @@ EAST, WEST, NORTH, SOUTH = 0, 1, 2, 3
 DIRECTION_NAMES = ("E", "W", "N", "S")
 # Largest program the builder makes: about 200 bytes per message on this 24 GB machine class.
 MAX_MESSAGES = 40_000_000
+_BUF_TYPES = (np.int32, np.int32, np.int32, np.int8, np.int16, np.int32, np.int32)
 # Buffer roles.
 SCRATCH, INPUT, OUTPUT = 0, 1, 2
 
@@ -167,24 +169,34 @@ def link_dst(links: np.ndarray, width: int) -> np.ndarray:
 def xy_routes(src: np.ndarray, dst: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Dimension-ordered routes (X first, then Y) for many messages at once.
 
-    Returns (route_ptr, route_link). Vectorised: no Python loop over messages or hops.
+    Returns (route_ptr, route_link).
     """
     src = np.asarray(src, dtype=np.int64)
     dst = np.asarray(dst, dtype=np.int64)
-    x0, y0, x1, y1 = src % width, src // width, dst % width, dst // width
-    dx, dy = x1 - x0, y1 - y0
-    hops = np.abs(dx) + np.abs(dy)
+    hops = np.abs(dst % width - src % width) + np.abs(dst // width - src // width)
     ptr = np.zeros(len(src) + 1, dtype=np.int64)
     np.cumsum(hops, out=ptr[1:])
-    msg = np.repeat(np.arange(len(src)), hops)
-    pos = np.arange(ptr[-1], dtype=np.int64) - ptr[msg]
-    adx = np.abs(dx)[msg]
-    in_x = pos < adx
-    sx, sy = np.sign(dx)[msg], np.sign(dy)[msg]
-    x = np.where(in_x, x0[msg] + sx * pos, x1[msg])
-    y = np.where(in_x, y0[msg], y0[msg] + sy * (pos - adx))
-    direction = np.where(in_x, np.where(sx > 0, EAST, WEST), np.where(sy > 0, SOUTH, NORTH))
-    return ptr, ((y * width + x) * 4 + direction).astype(np.int32)
+    links = np.empty(ptr[-1], dtype=np.int32)
+    _fill_routes(src, dst, width, ptr, links)
+    return ptr, links
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_routes(src, dst, width, ptr, links):
+    for m in range(src.shape[0]):
+        x, y = src[m] % width, src[m] // width
+        x1, y1 = dst[m] % width, dst[m] // width
+        e = ptr[m]
+        while x != x1:
+            step = 1 if x1 > x else -1
+            links[e] = (y * width + x) * 4 + (EAST if step > 0 else WEST)
+            x += step
+            e += 1
+        while y != y1:
+            step = 1 if y1 > y else -1
+            links[e] = (y * width + x) * 4 + (SOUTH if step > 0 else NORTH)
+            y += step
+            e += 1
 
 
 class ProgramBuilder:
@@ -199,7 +211,8 @@ class ProgramBuilder:
         if dtype not in DTYPE_BYTES:
             raise ProgramError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
         self.width, self.height, self.dtype = width, height, dtype
-        self._bufs: list[tuple] = []
+        # Buffer columns (core, rows, cols, role, tensor, r0, c0) in arrays grown by doubling.
+        self._buf = [np.zeros(1024, dtype=t) for t in _BUF_TYPES]
         self._msgs: list[tuple] = []
         self._ins: list[tuple] = []
         self._marks: list[tuple] = []
@@ -217,15 +230,15 @@ class ProgramBuilder:
 
     def buffers(self, core, rows, cols, role=SCRATCH, tensor=-1, r0=0, c0=0) -> np.ndarray:
         """Allocate one buffer per entry of `core`; returns their ids."""
-        core = np.atleast_1d(np.asarray(core, dtype=np.int32))
-        n = len(core)
-        cols_ = [core] + [np.broadcast_to(np.asarray(v), n).astype(t) for v, t in (
-            (rows, np.int32), (cols, np.int32), (role, np.int8), (tensor, np.int16),
-            (r0, np.int32), (c0, np.int32))]
-        self._bufs.append(tuple(cols_))
-        ids = np.arange(self._n_bufs, self._n_bufs + n, dtype=np.int32)
+        core = np.atleast_1d(np.asarray(core))
+        start, n = self._n_bufs, len(core)
+        if start + n > len(self._buf[0]):
+            size = max(2 * len(self._buf[0]), start + n)
+            self._buf = [np.resize(a, size) for a in self._buf]
+        for a, v in zip(self._buf, (core, rows, cols, role, tensor, r0, c0)):
+            a[start:start + n] = v
         self._n_bufs += n
-        return ids
+        return np.arange(start, start + n, dtype=np.int32)
 
     def mark(self, bufs, role, tensor, r0=0, c0=0) -> None:
         """Give existing buffers a role and tensor slice (e.g. a reduction's root result)."""
@@ -269,11 +282,10 @@ class ProgramBuilder:
 
     def like(self, bufs, cols=None) -> np.ndarray:
         """New scratch buffers on the same cores as `bufs`, of the same shape (or `cols` wide)."""
-        bufs = np.asarray(bufs)
-        flat = bufs.ravel()
-        core, rows, width = (np.concatenate([p[i] for p in self._bufs])[flat] for i in (0, 1, 2))
+        flat = np.asarray(bufs).ravel()
+        core, rows, width = (a[flat] for a in self._buf[:3])
         new = self.buffers(core, rows, width if cols is None else cols)
-        return new.reshape(bufs.shape)
+        return new.reshape(np.shape(bufs))
 
     def send(self, core, step, msg, buf):
         self._add(core, step, SEND, a=buf, arg=msg)
@@ -290,8 +302,7 @@ class ProgramBuilder:
                 return np.zeros(0, dtype=dtype)
             return np.concatenate([p[i] for p in parts]).astype(dtype, copy=False)
 
-        buf = [cat(self._bufs, i, t) for i, t in enumerate(
-            (np.int32, np.int32, np.int32, np.int8, np.int16, np.int32, np.int32))]
+        buf = [a[:self._n_bufs].copy() for a in self._buf]
         for ids, role, tensor, r0, c0 in self._marks:
             buf[3][ids], buf[4][ids], buf[5][ids], buf[6][ids] = role, tensor, r0, c0
         msg = [cat(self._msgs, i, t) for i, t in enumerate(
@@ -311,7 +322,7 @@ class ProgramBuilder:
         # its per-hop arrays nearly in order, which is what makes it fast on a full wafer.
         sends = arg[kind == SEND]
         first = np.full(n_msgs, len(sends), dtype=np.int64)
-        np.minimum.at(first, sends, np.arange(len(sends)))
+        first[sends[::-1]] = np.arange(len(sends))[::-1]  # the last write wins: first send
         perm = np.argsort(first, kind="stable")
         new_id = np.empty(n_msgs, dtype=np.int64)
         new_id[perm] = np.arange(n_msgs)
