@@ -158,3 +158,77 @@ def op(
                       f"{r['onchip_bytes'] / 1e6:.2f} MB", f"{r['max_link_utilisation']:.1%}",
                       f"{r['sram_bytes_max']:,} B", f"{r['events']:,}")
     console.print(table)
+
+
+@app.command()
+@user_errors
+def noc(
+    target: str = typer.Option("wse2", "--target", help="Preset name or target TOML/JSON file."),
+    mesh: str = typer.Option("16x16", "--mesh", help="Cores to load, ROWSxCOLS."),
+    pattern: str = typer.Option("uniform", "--pattern",
+                                help="uniform, transpose, bitcomp, hotspot, neighbour, tornado."),
+    rates: str = typer.Option("0.02:0.5:0.02", "--rates",
+                              help="Offered loads per core per cycle: START:STOP:STEP or a,b,c."),
+    msg_bytes: int = typer.Option(32, "--msg-bytes", help="Bytes per message."),
+    unit: str = typer.Option("flits", "--unit", help="Unit of --rates: flits or bytes."),
+    process: str = typer.Option("bernoulli", "--process", help="bernoulli or poisson."),
+    warmup: int = typer.Option(1000, "--warmup", help="Warm-up cycles."),
+    measure: int = typer.Option(1000, "--measure", help="Measurement cycles."),
+    drain: int = typer.Option(500, "--drain", help="Cycles of traffic after the window."),
+    seed: int = typer.Option(0, "--seed"),
+    hotspot_fraction: float = typer.Option(0.2, "--hotspot-fraction",
+                                           help="Share of hotspot traffic to the hot cores."),
+    hotspots: int = typer.Option(4, "--hotspots", help="Hot cores, nearest the centre."),
+    with_overheads: bool = typer.Option(False, "--with-overheads",
+                                        help="Keep the target's send/receive overheads."),
+    stop_after: int = typer.Option(0, "--stop-after",
+                                   help="Stop this many points past saturation (0: run all)."),
+    output: str = typer.Option("", "-o", "--output", help="Plot latency vs load to this PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Latency against offered load under synthetic traffic: the fabric's standard curves."""
+    from wafersim.noc import TrafficSpec, latency_curve, parse_rates, plot_curves
+
+    tgt = load_target(target)
+    rows, cols = parse_mesh(mesh)
+    if rows > tgt.height or cols > tgt.width:
+        raise ValueError(f"--mesh {mesh} does not fit target {tgt.name} "
+                         f"({tgt.height}x{tgt.width} cores)")
+    if stop_after < 0:
+        raise ValueError(f"--stop-after {stop_after} must be >= 0")
+    spec = TrafficSpec(pattern=pattern, msg_bytes=msg_bytes, unit=unit, process=process,
+                       warmup_cycles=warmup, measure_cycles=measure, drain_cycles=drain,
+                       seed=seed, hotspot_fraction=hotspot_fraction, hotspots=hotspots)
+    curve = latency_curve(spec, tgt.with_mesh(cols, rows), parse_rates(rates),
+                          with_overheads=with_overheads, stop_after=stop_after or None)
+    if output:
+        plot_curves([curve], output)
+    summary = {"system": tgt.name, **curve.to_dict(),
+               "events": sum(p.events for p in curve.points),
+               "sim_wall_s": sum(p.sim_wall_s for p in curve.points), "plot": output or None}
+    if as_json:
+        emit(summary)
+        return
+    u = f"{unit}/cycle/core"
+    table = Table("rate", "offered", "accepted", "avg latency", "p99 latency", "avg hops",
+                  "busiest link", "",
+                  title=f"{pattern} traffic on {mesh} cores of {tgt.name}: {msg_bytes}-byte "
+                        f"messages ({curve.flits_per_message} flits), {process} injection, "
+                        f"loads in {u}")
+    for i, p in enumerate(curve.points):
+        table.add_row(f"{p.rate:g}", f"{p.offered:.4f}", f"{p.accepted:.4f}",
+                      f"{p.latency_avg:.1f}", f"{p.latency_p99:.0f}", f"{p.hops_avg:.2f}",
+                      f"{p.max_link_busy:.0%}", "<- saturation" if i == curve.saturation else "")
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.4f}"
+
+    table.caption = (
+        f"zero-load latency {curve.zero_load_latency:.2f} cycles; channel-load bound "
+        f"{fmt(curve.bound)}; saturation {fmt(curve.saturation_rate)} "
+        f"({summary['saturation_rule']}); latency knee {fmt(curve.latency_knee)} "
+        f"({summary['latency_knee_rule']})"
+        + ("" if with_overheads else "; fabric only, no core overheads"))
+    console.print(table)
+    if output:
+        console.print(f"plot: {output}")
