@@ -31,20 +31,55 @@ END_TO_END = ("decode", "prefill", "decode_eager", "prefill_eager")
 def _matmul_split(graph, cluster, micro: dict) -> tuple[float, float] | None:
     """(measured, predicted) seconds of the step's matmuls (gemv/gemm/lm_head), the measured
     side summed from the microbenchmarks at the same [m, k, n]. An LM head whose shape was not
-    microbenchmarked (vocab 32000) is left out of both sides; None if another shape is."""
+    microbenchmarked is left out of both sides; None if another shape is."""
     node = cluster.nodes[0]
     measured = predicted = 0.0
-    for _, op in graph.nodes(data="op"):
-        if op.kind not in ("gemv", "gemm", "lm_head"):
+    plan = costs.plan(graph)
+    for w in (*plan.pre, *(w for layer in plan.layers for w in layer), *plan.post):
+        if w.kind not in ("gemv", "gemm", "lm_head"):
             continue
-        t = micro.get((op.m, op.k, op.n))
-        if t is None and op.kind == "lm_head":
+        t = micro.get((w.m, w.k, w.n))
+        if t is None and w.kind == "lm_head":
             continue
         if t is None:
             return None
         measured += t
-        predicted += costs.kernel_time_s(op.flops, op.bytes, op.kind, op.dtype, node.gpu)
+        predicted += costs.work_kernel_time_s(w, *costs.shard(w, 1), node.gpu)
     return measured, predicted
+
+
+ELTWISE_OP = {"rmsnorm": "rmsnorm", "rope": "rope", "activation": "silu", "mul": "mul",
+              "add": "add", "embedding": "embedding", "sample": "argmax"}
+
+
+def _micro_step(graph, model: str, krecs: list[dict], micro: dict) -> float | None:
+    """The step as the sum of its kernels' microbenchmarks at the same shapes (seconds): the
+    matmuls, one decode-attention chain or flash call per layer, the elementwise kernels (one
+    RoPE kernel for q_rope + k_rope). None where a kernel was not microbenchmarked."""
+    chain = {(r["shape"]["model"], r["shape"]["batch"], r["shape"]["ctx"]): r["median_s"]
+             for r in krecs if r["kind"] == "attn_decode" and r["shape"]["kernel"] == "chain"}
+    flash = {(r["shape"]["model"], r["shape"]["seq"]): r["median_s"]
+             for r in krecs if r["kind"] == "attn_prefill" and "median_s" in r}
+    elt = {(r["shape"]["model"], r["shape"]["op"], r["shape"]["rows"]): r["median_s"]
+           for r in krecs if r["kind"] == "eltwise"}
+    batch, kv_len = graph.graph["batch"], graph.graph["ctx_len"] + graph.graph["seq_len"]
+    total = 0.0
+    plan = costs.plan(graph)
+    for w in (*plan.pre, *(w for layer in plan.layers for w in layer), *plan.post):
+        if w.kind in ("gemv", "gemm", "lm_head"):
+            t = micro.get((w.m, w.k, w.n))
+        elif w.kind == "attn_score":
+            t = chain.get((model, batch, kv_len))
+        elif w.kind in ("softmax", "attn_value") or w.name.endswith("k_rope"):
+            continue
+        elif w.kind == "flash_attention":
+            t = flash.get((model, graph.graph["seq_len"]))
+        else:
+            t = elt.get((model, ELTWISE_OP.get(w.kind), w.m))
+        if t is None:
+            return None
+        total += t
+    return total
 
 
 def points(results_dir: Path = RESULTS) -> list[dict]:
@@ -58,8 +93,11 @@ def points(results_dir: Path = RESULTS) -> list[dict]:
             continue
         cluster = parse_cluster(system)
         recs = [json.loads(line) for line in path.read_text().splitlines()]
+        kpath = results_dir / fname.replace(".jsonl", "_kernels.jsonl")
+        krecs = ([json.loads(line) for line in kpath.read_text().splitlines()]
+                 if kpath.exists() else [])
         micro = {(r["shape"]["m"], r["shape"]["k"], r["shape"]["n"]): r["median_s"]
-                 for r in recs if r["kind"] in ("gemv", "gemm")}
+                 for r in krecs + recs if r["kind"] in ("gemv", "gemm")}
         for rec in recs:
             if rec["kind"] not in END_TO_END or "median_s" not in rec:
                 continue
@@ -74,6 +112,7 @@ def points(results_dir: Path = RESULTS) -> list[dict]:
                 shape = f"seq={conf['seq_len']}"
             res = simulate_cluster(graph, cluster, cuda_graphs=conf["cuda_graph"])
             mm = _matmul_split(graph, cluster, micro)
+            ms = _micro_step(graph, conf["model"], krecs, micro)
             out.append({
                 "system": system, "model": cfg.name, "kind": rec["kind"], "shape": shape,
                 "measured_ms": rec["median_s"] * 1e3, "predicted_ms": res.makespan_s * 1e3,
@@ -85,6 +124,8 @@ def points(results_dir: Path = RESULTS) -> list[dict]:
                 "attention_predicted_ms": 1e3 * sum(
                     v for k, v in res.time_by_kind_s.items()
                     if k in ("attn_score", "softmax", "attn_value", "flash_attention")),
+                "by_kind_ms": {k: 1e3 * v for k, v in res.time_by_kind_s.items()},
+                "micro_sum_ms": ms * 1e3 if ms else None,
             })
     return out
 
@@ -109,17 +150,23 @@ def table(rows: list[dict], markdown: bool) -> str:
 
 
 def gap_table(rows: list[dict]) -> str:
-    """Where each point's gap lies: matmuls (microbenchmark at the step's shapes minus the
-    model's matmul time) and the rest (attention, norms, elementwise, RoPE)."""
-    lines = [f"{'system':8s} {'model':11s} {'step':8s} {'shape':16s} {'gap':>7s} "
-             f"{'matmul':>7s} {'rest':>7s} {'attn pred':>9s}   (ms; gap = measured - predicted)"]
+    """Where each point's gap lies. sum-micro: the step as the sum of its kernels'
+    microbenchmarks at the same shapes (no model); e2e - micro: what isolated kernels do not
+    show; model - micro: the kernel models' own error on this step's kernels; matmul: the
+    same for the matmuls alone."""
+    lines = [f"{'system':8s} {'model':11s} {'step':8s} {'shape':16s} {'measured':>8s} "
+             f"{'sum-micro':>9s} {'e2e-micro':>9s} {'model-micro':>11s} {'matmul':>7s} "
+             f"{'attn pred':>9s}   (ms)"]
     for r in rows:
-        if r["matmul_measured_ms"] is None:
+        if r["micro_sum_ms"] is None:
             continue
-        gap = r["measured_ms"] - r["predicted_ms"]
-        mm = r["matmul_measured_ms"] - r["matmul_predicted_ms"]
+        mm = (r["matmul_predicted_ms"] - r["matmul_measured_ms"]
+              if r["matmul_measured_ms"] is not None else float("nan"))
         lines.append(f"{r['system']:8s} {r['model']:11s} {r['kind']:8s} {r['shape']:16s} "
-                     f"{gap:7.3f} {mm:7.3f} {gap - mm:7.3f} {r['attention_predicted_ms']:9.3f}")
+                     f"{r['measured_ms']:8.3f} {r['micro_sum_ms']:9.3f} "
+                     f"{r['measured_ms'] - r['micro_sum_ms']:9.3f} "
+                     f"{r['predicted_ms'] - r['micro_sum_ms']:11.3f} {mm:7.3f} "
+                     f"{r['attention_predicted_ms']:9.3f}")
     return "\n".join(lines)
 
 

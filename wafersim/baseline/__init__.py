@@ -6,9 +6,11 @@
     >>> simulate_cluster(g, parse_cluster("8xA100")).summary()["fits"]
     True
 
-Modules: gpus (GPUSpec presets, calibrated from benchmarks/gpu), links (LinkSpec presets, WAN),
-collectives (alpha-beta costs), costs (per-op sharding, roofline, memory), cluster (spec
-grammar, ClusterSpec, solve_split), simulate (simulate_cluster, ClusterResult).
+Modules: gpus (GPUSpec presets, calibrated from benchmarks/gpu), kernels (per-kernel time
+models fitted to kernel microbenchmarks; their constants in the generated kernel_models),
+links (LinkSpec presets, WAN), collectives (alpha-beta costs), costs (per-op sharding, kernel
+time, memory), cluster (spec grammar, ClusterSpec, solve_split), simulate (simulate_cluster,
+ClusterResult).
 """
 
 from wafersim.baseline.cluster import (

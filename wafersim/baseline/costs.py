@@ -16,7 +16,10 @@ norms, residual adds and embedding lookups are replicated on every GPU of the gr
 
 Time of one kernel: max(FLOPs / (peak x flops frac), bytes / (HBM bw x bw frac)) plus the
 per-kernel gap inside a CUDA graph, plus the matmul fixed cost for cuBLAS calls and fused
-attention. Without CUDA graphs a kernel takes at least the host's launch time.
+attention (kernel_time_s). On a GPU whose spec carries fitted kernel models (kernels.py:
+matmul efficiency per shape, decode attention, softmax, flash attention, elementwise kernels)
+work_kernel_time_s charges those instead. Without CUDA graphs a kernel takes at least the
+host's launch time.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
+from wafersim.baseline import kernels
 from wafersim.baseline.collectives import allgather, allreduce
 from wafersim.baseline.gpus import GPUSpec
 from wafersim.baseline.links import LinkSpec
@@ -55,6 +59,13 @@ class Work:
     kv_store_bytes: float = 0.0  # KV cache bytes this op's layer keeps resident
     weight_store_bytes: float = 0.0  # bytes of the weight tensor it reads (whole table)
     weight_id: str | None = None
+    # The op's dims (models.ops conventions), unsharded, for the fitted kernel models:
+    # matmuls [m, k] x [k, n]; attention per (sequence, head), count = batch x heads;
+    # elementwise [m rows, n wide] x count; flash: m query rows, k head_dim, n kv_len.
+    m: int = 0
+    k: int = 0
+    n: int = 0
+    count: int = 1
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,7 @@ def _work(op, cfg) -> Work:
         if op.kind in ("attn_score", "attn_value") else 0.0,
         weight_store_bytes=float(weight_store),
         weight_id=op.weight,
+        m=op.m, k=op.k, n=op.n, count=op.count,
     )
 
 
@@ -115,6 +127,7 @@ def _flash(score, softmax, value, cfg, rows_per_seq: int) -> Work:
         score.name.replace("attn_score", "flash_attention"), "flash_attention", score.layer,
         score.dtype, float((score.flops + value.flops) * causal), 0.0, float(qo), float(kv),
         "q", cfg.num_attention_heads, cfg.num_key_value_heads, kv_store_bytes=float(kv),
+        m=score.m, k=score.k, n=score.n, count=score.count,
     )
 
 
@@ -179,6 +192,51 @@ def kernel_time_s(flops: float, nbytes: float, kind: str, dtype: str, gpu: GPUSp
     return t if cuda_graphs else max(t, gpu.kernel_overhead_s)
 
 
+def _heads_on_gpu(w: Work, tp: int) -> tuple[int, int, int]:
+    """(sequences, query heads, KV heads) of an attention-type op on one GPU of `tp`."""
+    heads = w.heads or 1
+    batch = max(w.count // heads, 1)
+    return batch, math.ceil(heads / tp), math.ceil((w.kv_heads or heads) / tp)
+
+
+def work_kernel_time_s(w: Work, flops: float, nbytes: float, gpu: GPUSpec, tp: int = 1,
+                       cuda_graphs: bool = True) -> float:
+    """Time of `w`'s kernel on one GPU of a TP group of `tp`, given its shard's FLOPs and
+    bytes: the fitted kernel models where the GPU has them (kernels.py), else the roofline."""
+    km = gpu.kernels
+    base = kernel_time_s(flops, nbytes, w.kind, w.dtype, gpu, cuda_graphs)
+    if km is None:
+        return base
+    peak_bw, frac = gpu.hbm_bw_Bps, gpu.achievable_bw_frac
+    t = None
+    if w.kind in ("gemv", "gemm", "lm_head"):
+        f = 1.0 if w.split == "replicated" else shard_fractions(w, tp)[0]
+        k, n = (round(w.k * f), w.n) if _short(w.name) in ROW_PARALLEL else (w.k, round(w.n * f))
+        t = kernels.matmul_eta(km, w.m, k, n) * kernel_time_s(flops, nbytes, w.kind, w.dtype,
+                                                              gpu)
+    elif w.kind in ("attn_score", "attn_value") and w.m == 1:
+        batch, _, kv = _heads_on_gpu(w, tp)
+        fixed, unit = ((km.score_fixed_s, km.score_unit_frac) if w.kind == "attn_score"
+                       else (km.value_fixed_s, km.value_unit_frac))
+        t = kernels.decode_bmm_s(nbytes, batch * kv, peak_bw, frac, fixed, unit)
+    elif w.kind == "softmax":
+        batch, heads, _ = _heads_on_gpu(w, tp)
+        t = kernels.softmax_s(batch * heads * w.m, w.n, nbytes, peak_bw, frac, km)
+    elif w.kind == "flash_attention":
+        batch, heads, _ = _heads_on_gpu(w, tp)
+        t = kernels.flash_s(flops, batch * heads * w.m * w.k, gpu.peak_flops[w.dtype], km)
+    elif w.kind == "sample":
+        t = kernels.sample_s(w.n, km)
+    elif w.kind in km.stream:
+        fixed, bw_frac = km.stream[w.kind]
+        if w.kind == "rope":  # one fused kernel for q and k: each op takes half its fixed cost
+            fixed /= 2
+        t = kernels.stream_s(nbytes, peak_bw, fixed, bw_frac)
+    if t is None:
+        return base
+    return t if cuda_graphs else max(t, gpu.kernel_overhead_s)
+
+
 @dataclass(frozen=True)
 class Cost:
     """One Work item on one GPU of a TP group: kernel time, the TP collective after it, and
@@ -199,7 +257,7 @@ def collective_overhead_s(gpu: GPUSpec, cuda_graphs: bool) -> float:
 def work_cost(w: Work, gpu: GPUSpec, tp: int, link: LinkSpec, cuda_graphs: bool = True,
               algorithm: str = "auto") -> Cost:
     flops, nbytes = shard(w, tp)
-    kernel = kernel_time_s(flops, nbytes, w.kind, w.dtype, gpu, cuda_graphs)
+    kernel = work_kernel_time_s(w, flops, nbytes, gpu, tp, cuda_graphs)
     comm, sent = 0.0, 0.0
     if tp > 1 and w.allreduce_bytes:
         c = allreduce(w.allreduce_bytes, tp, link, algorithm)

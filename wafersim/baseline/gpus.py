@@ -3,8 +3,10 @@
 Peaks come from vendor datasheets (docs/gpu_baseline.md cites each; figures marked (check)
 there are widely quoted but unconfirmed). The achievable fractions and per-kernel overheads
 of the H100 and H200 were calibrated from this repo's own microbenchmarks by
-benchmarks/gpu/calibrate.py (results in benchmarks/gpu/results/h100.jsonl and h200.jsonl);
-GPUs we could not measure borrow the H100's measured fractions and overheads.
+benchmarks/gpu/calibrate.py (results in benchmarks/gpu/results/h100.jsonl and h200.jsonl),
+and so were their kernel models (kernels.py forms, kernel_models.py constants, fitted to
+results/h100_kernels.jsonl and h200_kernels.jsonl); GPUs we could not measure borrow the
+H100's measured fractions, overheads and kernel models.
 
 >>> get_gpu("h100").hbm_bw_Bps
 3350000000000.0
@@ -14,6 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from wafersim.baseline.kernel_models import H100_KERNELS, H200_KERNELS
+from wafersim.baseline.kernels import KernelModels
+
 
 @dataclass(frozen=True)
 class GPUSpec:
@@ -22,6 +27,8 @@ class GPUSpec:
     `kernel_overhead_s` is the host's launch cost per kernel in eager mode;
     `graph_kernel_overhead_s` the gap per kernel inside a CUDA graph;
     `matmul_overhead_s` the extra fixed cost of each cuBLAS matmul call on top of that.
+    `kernels` holds the per-kernel models fitted to kernel microbenchmarks (kernels.py); None
+    charges every kernel the plain roofline.
     `intra_node_link` and `nic_link` name LinkSpecs in links.LINKS (scale-up and the per-GPU
     scale-out port). `max_per_node` is how many sit on one scale-up fabric.
     """
@@ -40,6 +47,7 @@ class GPUSpec:
     nic_link: str = "ib-ndr"
     max_per_node: int = 8
     calibration: str = ""
+    kernels: KernelModels | None = field(default=None, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         for f in ("hbm_bytes", "hbm_bw_Bps"):
@@ -68,15 +76,18 @@ class GPUSpec:
 
 # Calibrated from benchmarks/gpu/results/h100.jsonl (benchmarks/gpu/calibrate.py):
 # GEMV fit 2.98 TB/s + 5.21 us per call; GEMM 711 TFLOP/s; graph gap 1.18 us; eager 8.99 us.
+# Kernel models: kernel_models.py, fitted to results/h100_kernels.jsonl (+ h100.jsonl matmuls).
 H100_CAL = dict(achievable_bw_frac=0.890, achievable_flops_frac=0.719,
                 graph_kernel_overhead_s=1.18e-6, matmul_overhead_s=4.03e-6,
-                kernel_overhead_s=8.99e-6)
+                kernel_overhead_s=8.99e-6, kernels=H100_KERNELS)
 # Calibrated from benchmarks/gpu/results/h200.jsonl (benchmarks/gpu/calibrate.py):
 # GEMV fit 4.41 TB/s + 5.67 us per call; GEMM 699 TFLOP/s; graph gap 1.11 us; eager 6.36 us.
+# Kernel models: kernel_models.py, fitted to results/h200_kernels.jsonl (+ h200.jsonl matmuls).
 H200_CAL = dict(achievable_bw_frac=0.919, achievable_flops_frac=0.707,
                 graph_kernel_overhead_s=1.11e-6, matmul_overhead_s=4.56e-6,
-                kernel_overhead_s=6.36e-6)
-_BORROWED = "fractions and overheads borrowed from the H100 calibration (not measured)"
+                kernel_overhead_s=6.36e-6, kernels=H200_KERNELS)
+_BORROWED = ("fractions, overheads and kernel models borrowed from the H100 calibration "
+             "(not measured)")
 
 A100 = GPUSpec(
     "A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, 80e9, 2.039e12,

@@ -1,10 +1,10 @@
 """simulate_cluster: one prefill or decode step of an op graph on a GPU cluster.
 
 Each pipeline stage (a node, tensor parallel inside) runs its layers' kernels in order, each
-timed by costs.kernel_time_s on its largest shard, with a Megatron all-reduce after o_proj and
-down_proj (alpha-beta, over the node's scale-up link). Between stages the residual stream
-crosses the NIC ports (or the datacenter link), split over the GPU pairs of the two stages,
-and is all-gathered inside the receiving node.
+timed by costs.work_kernel_time_s on its largest shard, with a Megatron all-reduce after o_proj
+and down_proj (alpha-beta, over the node's scale-up link). Between stages the residual stream
+crosses the NIC ports (or the datacenter link), split over the GPU pairs of the two stages, and
+is all-gathered inside the receiving node.
 
 Pipeline schedule: the batch is cut into `microbatches` equal parts (default 1) that flow
 through the stages in order; stage s starts micro-batch j when it has finished j-1 and j has
