@@ -361,14 +361,7 @@ def main(argv=None) -> int:
     steps += [("gemm_chain", lambda d, e, s, c=c: bench_gemm_chain(c, d, e, s)) for c in models]
     steps.append(("attn_probe", bench_attn_probe))
     t0 = time.perf_counter()
-    for name, step in steps:
-        if name not in sections:
-            continue
-        try:
-            step(device, emit, args.smoke)
-        except Exception as exc:  # one broken section must not lose the others
-            emit("error", section=name, error=repr(exc)[:500])
-            ms.free(device)
+    ms.run_steps(steps, sections, device, emit, args.smoke)
     emit("done", wall_s=time.perf_counter() - t0)
     return 0
 

@@ -608,6 +608,18 @@ def bench_model(cfg, device, emit, smoke):
     free(device)
 
 
+def run_steps(steps, sections, device, emit, smoke) -> None:
+    """Run the named measurement sections asked for; one broken section must not lose the rest."""
+    for name, step in steps:
+        if name not in sections:
+            continue
+        try:
+            step(device, emit, smoke)
+        except Exception as exc:
+            emit("error", section=name, error=repr(exc)[:500])
+            free(device)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSONL file to append results to")
@@ -633,14 +645,7 @@ def main(argv=None) -> int:
     steps = [("copy", bench_copy), ("launch", bench_launch), ("gemv", bench_gemv),
              ("gemm", bench_gemm)]
     steps += [("models", lambda d, e, s, cfg=cfg: bench_model(cfg, d, e, s)) for cfg in chosen]
-    for name, step in steps:
-        if name not in sections:
-            continue
-        try:
-            step(device, emit, args.smoke)
-        except Exception as exc:  # one broken section must not lose the others
-            emit("error", section=name, error=repr(exc)[:500])
-            free(device)
+    run_steps(steps, sections, device, emit, args.smoke)
     emit("done")
     return 0
 
