@@ -27,18 +27,40 @@ from compiler.targets import DTYPE_BYTES, MeshTarget
 # Instruction kinds.
 COMPUTE, SEND, RECV = 0, 1, 2
 KIND_NAMES = ("compute", "send", "recv")
-# Functional ops of COMPUTE instructions (numpy semantics in wafersim.functional):
-#   matmul_acc c += a @ b      add  c = a + b      copy c = a        zero c = 0
-#   mul        c = a * b (b broadcast: a row [1, n] or a column [m, 1])
-#   sqsum      c = sum(a * a, axis=1) as [m, 1]
-#   rsqrt      c = 1 / sqrt(a * imm0 + imm1)       silu c = a * sigmoid(a)
-#   gelu       c = gelu(a) (tanh form)
+# Functional ops of COMPUTE instructions (numpy semantics in wafersim.functional; `b` of an
+# element-wise op may be a row [1, n] or a column [m, 1], broadcast):
+#   matmul_acc c += a @ b         matmul_t c = a @ b.T       add c = a + b      mul c = a * b
+#   max      c = maximum(a, b)    copy   c = a               zero c = 0         fill c = imm0
+#   sqsum    c = sum(a * a, axis=1) as [m, 1]                rowmax c = max(a, axis=1) as [m, 1]
+#   rsqrt    c = 1 / sqrt(a * imm0 + imm1)   silu c = a * sigmoid(a)   gelu c = gelu(a) (tanh)
+#   expsub   c = exp(imm0 * (a - b))  (softmax numerator, b the row maxima)
+#   divlast  c = a[:, :-1] / a[:, -1:]  (softmax denominator carried as a's last column)
+#   rope     rotate pairs (a[..., 2p], a[..., 2p+1]) by the angle whose cos, sin are b[0, p],
+#            b[1, p]; a's rows are cut into chunks of 2 * b.cols
+#   take     c = flat(a)[imm0 : imm0 + c.size] reshaped to c   (a row, or a reshape)
+#   put      flat(c)[imm0 : imm0 + a.size] = flat(a)             (write a row into a cache)
+#   lookup   c[s] = b[a[s, 0] - imm0] if that row is b's, else 0  (embedding rows by token id)
+#   argmax   c[s] = (max a[s], imm0 + argmax a[s])                 as [b, 2]
+#   argmax2  c[s] = the better of a[s] and b[s] (larger value, then smaller index)
 OP_NONE, OP_MATMUL_ACC, OP_ADD, OP_COPY, OP_ZERO = 0, 1, 2, 3, 4
 OP_MUL, OP_SQSUM, OP_RSQRT, OP_SILU, OP_GELU = 5, 6, 7, 8, 9
+OP_MATMUL_T, OP_MAX, OP_ROWMAX, OP_EXPSUB, OP_DIVLAST = 10, 11, 12, 13, 14
+OP_ROPE, OP_TAKE, OP_PUT, OP_FILL, OP_LOOKUP, OP_ARGMAX, OP_ARGMAX2 = 15, 16, 17, 18, 19, 20, 21
 OP_NAMES = ("none", "matmul_acc", "add", "copy", "zero", "mul", "sqsum", "rsqrt", "silu",
-            "gelu")
-# FLOPs charged per element of the result of element-wise ops (exp/tanh/sqrt taken as 4).
-OP_FLOPS_PER_ELEMENT = {OP_ADD: 1, OP_MUL: 1, OP_RSQRT: 6, OP_SILU: 6, OP_GELU: 8}
+            "gelu", "matmul_t", "max", "rowmax", "expsub", "divlast", "rope", "take", "put",
+            "fill", "lookup", "argmax", "argmax2")
+# Default cost of each op: (FLOPs per element of a, of c; SRAM elements read + written counted
+# as multiples of a, b, c). exp/tanh/sqrt are taken as 4 FLOPs. Matmuls are special-cased.
+_COSTS = {
+    OP_MATMUL_ACC: (0, 0, 1, 1, 2), OP_MATMUL_T: (0, 0, 1, 1, 1),
+    OP_ADD: (0, 1, 1, 1, 1), OP_MUL: (0, 1, 1, 1, 1), OP_MAX: (0, 1, 1, 1, 1),
+    OP_COPY: (0, 0, 1, 0, 1), OP_ZERO: (0, 0, 0, 0, 1), OP_FILL: (0, 0, 0, 0, 1),
+    OP_SQSUM: (2, 0, 1, 0, 1), OP_ROWMAX: (1, 0, 1, 0, 1), OP_RSQRT: (0, 6, 1, 0, 1),
+    OP_SILU: (0, 6, 1, 0, 1), OP_GELU: (0, 8, 1, 0, 1), OP_EXPSUB: (0, 5, 1, 1, 1),
+    OP_DIVLAST: (0, 1, 1, 0, 1), OP_ROPE: (0, 3, 1, 1, 1), OP_TAKE: (0, 0, 0, 0, 2),
+    OP_PUT: (0, 0, 0, 0, 0), OP_LOOKUP: (0, 0, 1, 0, 2), OP_ARGMAX: (1, 0, 1, 0, 1),
+    OP_ARGMAX2: (0, 2, 1, 1, 1),
+}
 # Link directions, in the order of link ids.
 EAST, WEST, NORTH, SOUTH = 0, 1, 2, 3
 DIRECTION_NAMES = ("E", "W", "N", "S")
@@ -46,7 +68,8 @@ DIRECTION_NAMES = ("E", "W", "N", "S")
 MAX_MESSAGES = 40_000_000
 _BUF_TYPES = (np.int32, np.int32, np.int32, np.int8, np.int16, np.int32, np.int32)
 # Buffer roles.
-SCRATCH, INPUT, OUTPUT = 0, 1, 2
+# STATE buffers are loaded from their tensor like INPUT and gathered like OUTPUT (a KV cache).
+SCRATCH, INPUT, OUTPUT, STATE = 0, 1, 2, 3
 
 
 class ProgramError(ValueError):
@@ -354,26 +377,22 @@ class ProgramBuilder:
         imm = np.stack([imm0[order], imm1[order]], axis=1)
 
         # Default FLOPs and SRAM bytes of compute ops, from the buffers' shapes.
-        db = DTYPE_BYTES[self.dtype]
         rows, cols = buf[1].astype(np.int64), buf[2].astype(np.int64)
         is_comp = kind == COMPUTE
         ia, ib, ic = (np.where(v >= 0, v, 0) for v in (a, b, c))
-        size_c = np.where(c >= 0, rows[ic] * cols[ic], 0)
-        size_a = np.where(a >= 0, rows[ia] * cols[ia], 0)
-        size_b = np.where(b >= 0, rows[ib] * cols[ib], 0)
-        mm = is_comp & (op == OP_MATMUL_ACC)
-        per_element = np.zeros(len(OP_NAMES), dtype=np.int64)
-        for code, f in OP_FLOPS_PER_ELEMENT.items():
-            per_element[code] = f
-        f_def = np.where(mm, 2 * size_a * cols[ib],
-                         np.where(op == OP_SQSUM, 2 * size_a, per_element[op] * size_c))
-        # elements read and written
-        elems = np.select(
-            [mm, np.isin(op, (OP_ADD, OP_MUL)), np.isin(op, (OP_COPY, OP_SQSUM, OP_RSQRT,
-                                                            OP_SILU, OP_GELU)), op == OP_ZERO],
-            [size_a + size_b + 2 * size_c, size_a + size_b + size_c, size_a + size_c, size_c], 0)
-        b_def = np.ceil(np.where(is_comp, elems, 0) * db).astype(np.int64)
-        flops = np.where(flops < 0, f_def, flops)
+        size_a, size_b, size_c = (np.where(v >= 0, rows[i] * cols[i], 0)
+                                  for v, i in ((a, ia), (b, ib), (c, ic)))
+        coef = np.zeros((len(OP_NAMES), 5), dtype=np.int64)
+        for code, row in _COSTS.items():
+            coef[code] = row
+        k = coef[op]
+        f_def = k[:, 0] * size_a + k[:, 1] * size_c
+        f_def = np.where(op == OP_MATMUL_ACC, 2 * size_a * cols[ib], f_def)
+        f_def = np.where(op == OP_MATMUL_T, 2 * size_a * rows[ib], f_def)
+        elems = k[:, 2] * size_a + k[:, 3] * size_b + k[:, 4] * size_c
+        elems = np.where(op == OP_PUT, 2 * size_a, elems)
+        b_def = np.ceil(np.where(is_comp, elems, 0) * DTYPE_BYTES[self.dtype]).astype(np.int64)
+        flops = np.where(flops < 0, np.where(is_comp, f_def, 0), flops)
         nbytes = np.where(nbytes < 0, b_def, nbytes)
 
         core_ptr = np.zeros(cores + 1, dtype=np.int64)

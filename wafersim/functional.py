@@ -13,24 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from compiler.program import (
-    COMPUTE,
-    INPUT,
-    OP_ADD,
-    OP_COPY,
-    OP_GELU,
-    OP_MATMUL_ACC,
-    OP_MUL,
-    OP_NONE,
-    OP_RSQRT,
-    OP_SILU,
-    OP_SQSUM,
-    OP_ZERO,
-    OUTPUT,
-    RECV,
-    SEND,
-    MeshProgram,
-)
+from compiler import program as P
+from compiler.program import COMPUTE, INPUT, OUTPUT, RECV, SEND, STATE, MeshProgram
 from wafersim.result import SimulationError
 
 
@@ -50,7 +34,7 @@ def execute(program: MeshProgram, inputs: dict[str, np.ndarray], dtype=np.float3
         rows, cols = int(program.buf_rows[i]), int(program.buf_cols[i])
         t = int(program.buf_tensor[i])
         buf = np.zeros((rows, cols), dtype=dtype)
-        if program.buf_role[i] == INPUT:  # tiles past the tensor's edge are zero padding
+        if program.buf_role[i] in (INPUT, STATE) and names[t] in inputs:  # zero-padded at edges
             r0, c0 = int(program.buf_r0[i]), int(program.buf_c0[i])
             part = inputs[names[t]][r0:r0 + rows, c0:c0 + cols]
             buf[:part.shape[0], :part.shape[1]] = part
@@ -92,7 +76,8 @@ def execute(program: MeshProgram, inputs: dict[str, np.ndarray], dtype=np.float3
 
     outputs = {}
     for t, (name, rows, cols) in enumerate(program.tensors):
-        bufs = np.flatnonzero((program.buf_tensor == t) & (program.buf_role == OUTPUT))
+        bufs = np.flatnonzero((program.buf_tensor == t) & np.isin(program.buf_role,
+                                                                   (OUTPUT, STATE)))
         if not len(bufs):
             continue
         out = np.full((rows, cols), np.nan, dtype=dtype)
@@ -111,24 +96,59 @@ def execute(program: MeshProgram, inputs: dict[str, np.ndarray], dtype=np.float3
 
 
 def _compute(op, data, a, b, c, imm):
-    if op == OP_MATMUL_ACC:
+    if op == P.OP_MATMUL_ACC:
         data[c] += data[a] @ data[b]
-    elif op == OP_ADD:
+    elif op == P.OP_MATMUL_T:
+        data[c] = data[a] @ data[b].T
+    elif op == P.OP_ADD:
         data[c] = data[a] + data[b]
-    elif op == OP_MUL:
+    elif op == P.OP_MUL:
         data[c] = data[a] * data[b]
-    elif op == OP_SQSUM:
+    elif op == P.OP_MAX:
+        data[c] = np.maximum(data[a], data[b])
+    elif op == P.OP_SQSUM:
         data[c] = np.sum(data[a] * data[a], axis=1, keepdims=True)
-    elif op == OP_RSQRT:
+    elif op == P.OP_ROWMAX:
+        data[c] = np.max(data[a], axis=1, keepdims=True)
+    elif op == P.OP_RSQRT:
         data[c] = 1.0 / np.sqrt(data[a] * imm[0] + imm[1])
-    elif op == OP_SILU:
+    elif op == P.OP_SILU:
         data[c] = data[a] / (1.0 + np.exp(-data[a]))
-    elif op == OP_GELU:
+    elif op == P.OP_GELU:
         x = data[a]
         data[c] = 0.5 * x * (1.0 + np.tanh(0.7978845608 * (x + 0.044715 * x ** 3)))
-    elif op == OP_COPY:
+    elif op == P.OP_EXPSUB:
+        data[c] = np.exp(imm[0] * (data[a] - data[b]))
+    elif op == P.OP_DIVLAST:
+        data[c] = data[a][:, :-1] / data[a][:, -1:]
+    elif op == P.OP_ROPE:
+        cos, sin = data[b][0], data[b][1]
+        x = data[a].reshape(-1, len(cos), 2)
+        x0, x1 = x[..., 0], x[..., 1]
+        data[c] = np.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1).reshape(
+            data[a].shape)
+    elif op == P.OP_TAKE:
+        o = int(imm[0])
+        data[c] = data[a].reshape(-1)[o:o + data[c].size].reshape(data[c].shape)
+    elif op == P.OP_PUT:
+        o = int(imm[0])
+        data[c].reshape(-1)[o:o + data[a].size] = data[a].reshape(-1)
+    elif op == P.OP_FILL:
+        data[c][...] = imm[0]
+    elif op == P.OP_LOOKUP:
+        rows = data[a][:, 0].astype(np.int64) - int(imm[0])
+        hit = (rows >= 0) & (rows < data[b].shape[0])
+        data[c] = np.where(hit[:, None], data[b][np.clip(rows, 0, data[b].shape[0] - 1)], 0)
+    elif op == P.OP_ARGMAX:
+        x = data[a]
+        data[c] = np.stack([x.max(axis=1), imm[0] + x.argmax(axis=1)], axis=1)
+    elif op == P.OP_ARGMAX2:
+        x, y = data[a], data[b]
+        better = (y[:, 0] > x[:, 0]) | ((y[:, 0] == x[:, 0]) & (y[:, 1] < x[:, 1]))
+        data[c] = np.where(better[:, None], y, x)
+    elif op == P.OP_COPY:
         data[c] = data[a].copy()
-    elif op == OP_ZERO:
+    elif op == P.OP_ZERO:
         data[c][...] = 0
-    elif op != OP_NONE:
+    elif op != P.OP_NONE:
         raise SimulationError(f"unknown compute op {op}")

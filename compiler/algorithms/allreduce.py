@@ -47,10 +47,11 @@ def _level_groups(positions: np.ndarray, group: int):
 
 
 def ktree_reduce(bld: ProgramBuilder, lines, acc, tmp, step: int, levels: int, colour: int,
-                 nbytes) -> tuple[int, int]:
+                 nbytes, op: int = OP_ADD) -> tuple[int, int]:
     """Reduce `acc` along each line into the root's `acc`. Returns (root position, next step).
 
-    Uses colours `colour .. colour + levels - 1`, one per level.
+    Uses colours `colour .. colour + levels - 1`, one per level. `op` combines two partials
+    (add; max for a softmax's maxima; argmax2 for sampling).
     """
     n = lines.shape[1]
     positions = np.arange(n)
@@ -66,7 +67,7 @@ def ktree_reduce(bld: ProgramBuilder, lines, acc, tmp, step: int, levels: int, c
         bld.send(src.ravel(), step, msgs, acc[:, members].ravel())
         recv_step = step + 1 + 2 * np.broadcast_to(rank, src.shape).ravel()
         bld.recv(dst.ravel(), recv_step, msgs, tmp[:, member_leader].ravel())
-        bld.compute(dst.ravel(), recv_step + 1, OP_ADD, c=acc[:, member_leader].ravel(),
+        bld.compute(dst.ravel(), recv_step + 1, op, c=acc[:, member_leader].ravel(),
                     a=acc[:, member_leader].ravel(), b=tmp[:, member_leader].ravel())
         step += 2 * (int(rank.max()) + 1) + 2
         positions = leaders

@@ -16,6 +16,7 @@ from compiler.algorithms.allreduce import chain_reduce, ktree_reduce, line_broad
 from compiler.algorithms.common import Region, check_dims, finish, split
 from compiler.program import (
     INPUT,
+    OP_LOOKUP,
     OP_MATMUL_ACC,
     OP_ZERO,
     OUTPUT,
@@ -31,7 +32,8 @@ GEMV_ALGOS = ("meshgemv", "ring")
 
 def gemv(bld: ProgramBuilder, region: Region, b: int, k: int, n: int, algo: str = "meshgemv",
          *, k_axis: str = "rows", x=None, names=("x", "W", "y"), levels: int = 2,
-         allreduce: bool = True, step: int = 0):
+         allreduce: bool = True, step: int = 0, k_split=None, n_split=None,
+         lookup: bool = False):
     """Add a GEMV on `region` to `bld`. Returns (y buffers, next free step).
 
     `k_axis="rows"`: K is split over the region's rows and N over its columns; the partial sums
@@ -44,6 +46,11 @@ def gemv(bld: ProgramBuilder, region: Region, b: int, k: int, n: int, algo: str 
     holding x's K-chunks in the layout `k_axis` expects. W is read from tensor `names[1]`; y is
     an output tensor `names[2]` unless that name is None. The returned array of y buffers is
     [rows, cols] over the region's active cores (-1 where a core holds no y).
+
+    `k_split`, `n_split`: (starts, sizes) of K's and N's chunks when they must line up with
+    another op's layout (attention's heads); by default near-equal chunks. `lookup`: x holds
+    token ids [b, 1] and W is an embedding table [vocab, N]: each core looks its rows up
+    instead of multiplying, and the reduction gathers the one non-zero partial row.
     """
     check_dims(b=b, k=k, n=n, levels=levels)
     if algo not in GEMV_ALGOS:
@@ -55,10 +62,12 @@ def gemv(bld: ProgramBuilder, region: Region, b: int, k: int, n: int, algo: str 
     if flip:  # work in the frame where K runs down axis 0
         grid = grid.T
         x = None if x is None else np.asarray(x).T
-    rows, cols = min(grid.shape[0], k), min(grid.shape[1], n)  # no empty tiles
+    k0, ks = split(k, min(grid.shape[0], k)) if k_split is None else k_split  # no empty tiles
+    n0, ns = split(n, min(grid.shape[1], n)) if n_split is None else n_split
+    rows, cols = len(ks), len(ns)
+    if rows > grid.shape[0] or cols > grid.shape[1]:
+        raise ProgramError(f"gemv: {rows}x{cols} tiles do not fit the region")
     cores = grid[:rows, :cols]
-    k0, ks = split(k, rows)
-    n0, ns = split(n, cols)
     ki, nj = np.broadcast_arrays(np.arange(rows)[:, None], np.arange(cols)[None, :])
 
     tw = bld.tensor(names[1], k, n)
@@ -66,15 +75,20 @@ def gemv(bld: ProgramBuilder, region: Region, b: int, k: int, n: int, algo: str 
     w = bld.buffers(cores.ravel(), ks[ki].ravel(), ns[nj].ravel(), INPUT, tw,
                     k0[ki].ravel(), n0[nj].ravel()).reshape(rows, cols)
     if x is None:
-        tx = bld.tensor(names[0], b, k)
-        x = bld.buffers(cores.ravel(), b, ks[ki].ravel(), INPUT, tx, 0,
-                        k0[ki].ravel()).reshape(rows, cols)
+        tx = bld.tensor(names[0], b, 1 if lookup else k)
+        x = bld.buffers(cores.ravel(), b, 1 if lookup else ks[ki].ravel(), INPUT, tx, 0,
+                        0 if lookup else k0[ki].ravel()).reshape(rows, cols)
     else:
         x = x[:rows, :cols]
     acc = bld.buffers(cores.ravel(), b, ns[nj].ravel(), SCRATCH).reshape(rows, cols)
     tmp = bld.buffers(cores.ravel(), b, ns[nj].ravel(), SCRATCH).reshape(rows, cols)
-    bld.compute(cores.ravel(), step, OP_ZERO, c=acc.ravel())
-    bld.compute(cores.ravel(), step + 1, OP_MATMUL_ACC, c=acc.ravel(), a=x.ravel(), b=w.ravel())
+    if lookup:
+        bld.compute(cores.ravel(), step + 1, OP_LOOKUP, c=acc.ravel(), a=x.ravel(),
+                    b=w.ravel(), imm=(k0[ki].ravel(), 0.0))
+    else:
+        bld.compute(cores.ravel(), step, OP_ZERO, c=acc.ravel())
+        bld.compute(cores.ravel(), step + 1, OP_MATMUL_ACC, c=acc.ravel(), a=x.ravel(),
+                    b=w.ravel())
 
     # Reduce along axis 0: line j is column j of this frame, position i is row i.
     lines, acc_l, tmp_l = cores.T, acc.T, tmp.T
