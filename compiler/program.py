@@ -115,6 +115,13 @@ class MeshProgram:
     buf_r0: np.ndarray  # int32 row offset in the tensor
     buf_c0: np.ndarray  # int32 column offset in the tensor
     tensors: tuple[tuple[str, int, int], ...]  # (name, rows, cols)
+    # Per-core loop: instructions loop_start[c]:loop_end[c] run loop_count[c] times (a region's
+    # stack of identical layers). Tensor names containing "{l}" are per iteration: iteration r
+    # of core c reads layer loop_base[c] + r. Empty arrays: no loops.
+    loop_start: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    loop_end: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    loop_count: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    loop_base: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     meta: dict = field(default_factory=dict)
 
     @property
@@ -134,6 +141,32 @@ class MeshProgram:
         return len(self.route_link)
 
     @property
+    def looped(self) -> bool:
+        return bool(len(self.loop_count)) and bool(np.any(self.loop_count > 1))
+
+    def ins_repeats(self) -> np.ndarray:
+        """How many times each instruction runs (its core's loop count inside the loop)."""
+        reps = np.ones(self.n_instructions, dtype=np.int64)
+        if len(self.loop_count):
+            core = np.repeat(np.arange(self.cores), np.diff(self.core_ptr))
+            i = np.arange(self.n_instructions)
+            inside = (i >= self.loop_start[core]) & (i < self.loop_end[core])
+            reps[inside] = self.loop_count[core[inside]]
+        return reps
+
+    def msg_repeats(self) -> np.ndarray:
+        """How many times each message is sent."""
+        send = self.ins_kind == SEND
+        reps = np.zeros(self.n_messages, dtype=np.int64)
+        reps[self.ins_arg[send]] = self.ins_repeats()[send]
+        return reps
+
+    def templated(self) -> np.ndarray:
+        """Per buffer: its tensor is per loop iteration (a layer's weight or cache)."""
+        per_layer = np.array([("{l}" in name) for name, _, _ in self.tensors] + [False])
+        return per_layer[self.buf_tensor]  # tensor -1 (scratch) maps to the False sentinel
+
+    @property
     def entry_msg(self) -> np.ndarray:
         """Message id of every route entry."""
         return np.repeat(np.arange(self.n_messages, dtype=np.int64), np.diff(self.route_ptr))
@@ -148,9 +181,12 @@ class MeshProgram:
                        ).astype(np.int64)
 
     def sram_per_core(self) -> np.ndarray:
-        """Bytes each core holds: every buffer lives for the whole program."""
-        return np.bincount(self.buf_core, weights=self.buffer_bytes(),
-                           minlength=self.cores).astype(np.int64)
+        """Bytes each core holds: every buffer lives for the whole program; a per-layer buffer
+        (weights, cache) once per layer of its core's loop, scratch once (reused)."""
+        size = self.buffer_bytes()
+        if len(self.loop_count):
+            size = np.where(self.templated(), size * self.loop_count[self.buf_core], size)
+        return np.bincount(self.buf_core, weights=size, minlength=self.cores).astype(np.int64)
 
     def colours_per_core(self) -> np.ndarray:
         """Distinct routing colours each router carries (source, transit or destination)."""
@@ -317,7 +353,9 @@ class ProgramBuilder:
         """RECV message `msg` into `buf`; `hop` is the route position delivering it (-1: last)."""
         self._add(core, step, RECV, c=buf, arg=msg, hop=hop)
 
-    def build(self, **meta) -> MeshProgram:
+    def build(self, loop=None, **meta) -> MeshProgram:
+        """Order everything into a MeshProgram. `loop` = (first step, end step, count per core,
+        base per core): each core's instructions with steps in [first, end) form its loop."""
         cores = self.width * self.height
 
         def cat(parts, i, dtype):
@@ -397,6 +435,17 @@ class ProgramBuilder:
 
         core_ptr = np.zeros(cores + 1, dtype=np.int64)
         np.cumsum(np.bincount(core, minlength=cores), out=core_ptr[1:])
+        loops = {}
+        if loop is not None:
+            first, end, count, base = loop
+            key = core * (1 << 40) + step  # sorted
+            ids = np.arange(cores, dtype=np.int64) * (1 << 40)
+            loops = dict(loop_start=np.searchsorted(key, ids + first),
+                         loop_end=np.searchsorted(key, ids + end),
+                         loop_count=np.broadcast_to(count, cores).astype(np.int64).copy(),
+                         loop_base=np.broadcast_to(base, cores).astype(np.int64).copy())
+            if np.any(loops["loop_count"] < 1):
+                raise ProgramError("a loop count must be >= 1")
         return MeshProgram(
             width=self.width, height=self.height, dtype=self.dtype, core_ptr=core_ptr,
             ins_kind=kind, ins_op=op, ins_a=a, ins_b=b, ins_c=c, ins_flops=flops,
@@ -405,5 +454,5 @@ class ProgramBuilder:
             msg_multicast=msg[4], route_ptr=route_ptr, route_link=route_link,
             buf_core=buf[0], buf_rows=buf[1], buf_cols=buf[2], buf_role=buf[3],
             buf_tensor=buf[4], buf_r0=buf[5], buf_c0=buf[6], tensors=tuple(self.tensors),
-            meta={**self.meta, **meta},
+            meta={**self.meta, **meta}, **loops,
         )

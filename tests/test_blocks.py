@@ -56,12 +56,12 @@ def test_mlp_block_matches_numpy(rows, cols, gated, act):
     hb = column_split_input(bld, region, "h", b, d)
     out, _ = mlp_block(bld, region, hb, b, d, f, "L0.mlp", gated=gated, act=act, eps=eps)
     mark_output(bld, out, region, "out", b, d)
-    w = {"h": rng.standard_normal((b, d)), "L0.mlp.norm": rng.standard_normal((1, d)),
+    w = {"h": rng.standard_normal((b, d)), "L0.mlp.mlp_norm": rng.standard_normal((1, d)),
          "L0.mlp.up": rng.standard_normal((d, f)) / 8,
          "L0.mlp.down": rng.standard_normal((f, d)) / 8}
     if gated:
         w["L0.mlp.gate"] = rng.standard_normal((d, f)) / 8
-    xn = ref_rmsnorm(w["h"], w["L0.mlp.norm"], eps)
+    xn = ref_rmsnorm(w["h"], w["L0.mlp.mlp_norm"], eps)
     up = xn @ w["L0.mlp.up"]
     if gated:
         g = xn @ w["L0.mlp.gate"]

@@ -25,7 +25,7 @@ import numpy as np
 WINDOW = 1 << 16  # cycles covered by the calendar queue's buckets
 MASK = WINDOW - 1
 COMPUTE, SEND, RECV = 0, 1, 2  # mirrors compiler.program; the kernel imports nothing
-OK, DEADLOCK, WATCHDOG = 0, 1, 2
+OK, DEADLOCK, WATCHDOG, OVERRUN, FULL = 0, 1, 2, 3, 4
 
 
 @numba.njit(cache=True, nogil=True, inline="never")
@@ -79,7 +79,8 @@ def _append(b, slot, e, head, tail, ev_entry, ev_next):
 
 @numba.njit(cache=True, nogil=True)
 def run_kernel(core_ptr, ins_kind, ins_cycles, ins_arg, route_link, entry_ser, n_links,
-               hop_latency, send_overhead, recv_overhead, compute_overhead, max_events):
+               hop_latency, send_overhead, recv_overhead, compute_overhead, max_events,
+               loop_start, loop_end, loop_count, entry_recv):
     """Simulate a program. Times are integer cycles.
 
     `ins_arg` is, for a SEND, the message's first route entry; for a RECV, the entry it waits
@@ -97,6 +98,11 @@ def run_kernel(core_ptr, ins_kind, ins_cycles, ins_arg, route_link, entry_ser, n
     next WINDOW cycles, and an overflow heap for events further ahead, moved into buckets as
     time advances, before anything else can be queued there. Taking buckets in time order and
     each bucket in push order gives the order of one (time, push order) heap at O(1) per event.
+
+    Loops: core c runs instructions loop_start[c]:loop_end[c] loop_count[c] times, reusing the
+    messages' route entries. A RECV consumes its delivery; a delivery to a receiving entry
+    (`entry_recv`) whose previous delivery is still unconsumed is an OVERRUN (an iteration ran
+    ahead of its receiver), reported rather than silently mistimed. FULL: the event pool ran out.
     """
     n_cores = core_ptr.shape[0] - 1
     n_entries = route_link.shape[0]
@@ -105,22 +111,27 @@ def run_kernel(core_ptr, ins_kind, ins_cycles, ins_arg, route_link, entry_ser, n
     core_overhead = np.zeros(n_cores, np.int64)
     core_wait = np.zeros(n_cores, np.int64)
     pc = core_ptr[:-1].copy()
-    entry_arrival = np.full(n_entries, -1, np.int64)
+    entry_arrival = np.full(n_entries, -1, np.int64)  # latest delivery of each entry
+    ready = np.zeros(n_entries, np.bool_)  # delivered, not yet consumed by its RECV
     waiter = np.full(n_entries, -1, np.int32)
     link_free_at = np.zeros(n_links, np.int64)
 
     # Every route entry is queued once, and moved from the heap to a bucket at most once.
-    cap = 2 * n_entries + 1
+    # Without loops every entry is queued once and moves from the heap to a bucket at most
+    # once; loops reuse pool slots through a free list.
+    cap = 2 * n_entries + 1024
     ev_entry = np.empty(cap, np.int32)
     ev_next = np.empty(cap, np.int32)
+    free = np.arange(cap - 1, -1, -1).astype(np.int32)
+    n_free = cap
     head = np.full(WINDOW, -1, np.int32)
     tail = np.full(WINDOW, -1, np.int32)
-    ht = np.empty(n_entries + 1, np.int64)  # overflow heap: time, push order, route entry
-    hs = np.empty(n_entries + 1, np.int64)
-    hp = np.empty(n_entries + 1, np.int64)
+    ht = np.empty(cap, np.int64)  # overflow heap: time, push order, route entry
+    hs = np.empty(cap, np.int64)
+    hp = np.empty(cap, np.int64)
+    iteration = np.zeros(n_cores, np.int64)
     n_heap = 0
     in_buckets = 0
-    pushes = 0
     seq = 0
     now = 0
     events = 0
@@ -139,7 +150,12 @@ def run_kernel(core_ptr, ins_kind, ins_cycles, ins_arg, route_link, entry_ser, n
         if c >= 0:
             # Run core c inline until it blocks or finishes.
             end = core_ptr[c + 1]
-            while pc[c] < end:
+            while True:
+                if pc[c] == loop_end[c] and iteration[c] + 1 < loop_count[c]:
+                    pc[c] = loop_start[c]
+                    iteration[c] += 1
+                if pc[c] >= end:
+                    break
                 i = pc[c]
                 kind = ins_kind[i]
                 if kind == COMPUTE:
@@ -150,25 +166,32 @@ def run_kernel(core_ptr, ins_kind, ins_cycles, ins_arg, route_link, entry_ser, n
                     core_time[c] += send_overhead
                     core_overhead[c] += send_overhead
                     t = core_time[c]
+                    if n_free == 0 or n_heap == cap:
+                        status = FULL
+                        break
                     if t < now + WINDOW:
-                        _append(t & MASK, pushes, ins_arg[i], head, tail, ev_entry, ev_next)
-                        pushes += 1
+                        n_free -= 1
+                        _append(t & MASK, free[n_free], ins_arg[i], head, tail, ev_entry,
+                                ev_next)
                         in_buckets += 1
                     else:
                         n_heap = _push(ht, hs, hp, n_heap, t, seq, ins_arg[i])
                     seq += 1
                 else:
                     e = ins_arg[i]
-                    arrival = entry_arrival[e]
-                    if arrival < 0:
+                    if not ready[e]:
                         waiter[e] = c
                         break
+                    ready[e] = False
+                    arrival = entry_arrival[e]
                     if arrival > core_time[c]:
                         core_wait[c] += arrival - core_time[c]
                         core_time[c] = arrival
                     core_time[c] += recv_overhead
                     core_overhead[c] += recv_overhead
                 pc[c] += 1
+            if status != OK:
+                break
             c = -1
             continue
 
@@ -181,11 +204,11 @@ def run_kernel(core_ptr, ins_kind, ins_cycles, ins_arg, route_link, entry_ser, n
                 now = ht[0]
             else:
                 now += 1
-            while n_heap > 0 and ht[0] < now + WINDOW:
+            while n_heap > 0 and ht[0] < now + WINDOW and n_free > 0:
                 t, e = ht[0], hp[0]
                 n_heap = _pop(ht, hs, hp, n_heap)
-                _append(t & MASK, pushes, e, head, tail, ev_entry, ev_next)
-                pushes += 1
+                n_free -= 1
+                _append(t & MASK, free[n_free], e, head, tail, ev_entry, ev_next)
                 in_buckets += 1
             b = now & MASK
         if head[b] < 0:
@@ -195,6 +218,8 @@ def run_kernel(core_ptr, ins_kind, ins_cycles, ins_arg, route_link, entry_ser, n
         if head[b] < 0:
             tail[b] = -1
         in_buckets -= 1
+        free[n_free] = ev
+        n_free += 1
         events += 1
         if events > max_events:
             status = WATCHDOG
@@ -209,18 +234,27 @@ def run_kernel(core_ptr, ins_kind, ins_cycles, ins_arg, route_link, entry_ser, n
         start = now if now > link_free_at[link] else link_free_at[link]
         link_free_at[link] = start + ser
         arrival = start + hop_latency + ser
-        entry_arrival[e] = arrival
         if not last:
             t = start + hop_latency
-            if t < now + WINDOW:
-                _append(t & MASK, pushes, e + 1, head, tail, ev_entry, ev_next)
-                pushes += 1
+            if t < now + WINDOW and n_free > 0:
+                n_free -= 1
+                _append(t & MASK, free[n_free], e + 1, head, tail, ev_entry, ev_next)
                 in_buckets += 1
+            elif n_heap == cap:
+                status = FULL
+                break
             else:
                 n_heap = _push(ht, hs, hp, n_heap, t, seq, e + 1)
             seq += 1
+        entry_arrival[e] = arrival
         w = waiter[e]
-        if w >= 0:
+        if w < 0:
+            if entry_recv[e]:
+                if ready[e]:
+                    status = OVERRUN
+                    break
+                ready[e] = True
+        else:
             # The blocked core resumes when the data is in, then pays the receive overhead.
             waiter[e] = -1
             if arrival > core_time[w]:
@@ -233,7 +267,8 @@ def run_kernel(core_ptr, ins_kind, ins_cycles, ins_arg, route_link, entry_ser, n
 
     if status == OK:
         for k in range(n_cores):
-            if pc[k] < core_ptr[k + 1]:
+            if pc[k] < core_ptr[k + 1] or (iteration[k] + 1 < loop_count[k]
+                                           and loop_start[k] < loop_end[k]):
                 status = DEADLOCK
                 break
     return (status, events, core_time, core_busy, core_overhead, core_wait, pc,

@@ -11,6 +11,8 @@ meshes, not a hot path.
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 
 from compiler import program as P
@@ -20,52 +22,104 @@ from wafersim.result import SimulationError
 
 def execute(program: MeshProgram, inputs: dict[str, np.ndarray], dtype=np.float32,
             atol: float = 1e-4) -> dict[str, np.ndarray]:
-    """Run `program` on `inputs` (tensor name -> array); returns the output tensors."""
-    shapes = {name: (rows, cols) for name, rows, cols in program.tensors}
-    for name, arr in inputs.items():
-        if name not in shapes:
-            raise ValueError(f"input {name!r} is not a tensor of the program")
-        if arr.shape != shapes[name]:
-            raise ValueError(f"input {name!r} has shape {arr.shape}, program expects "
-                             f"{shapes[name]}")
-    names = [t[0] for t in program.tensors]
-    data = []
-    for i in range(len(program.buf_core)):
-        rows, cols = int(program.buf_rows[i]), int(program.buf_cols[i])
-        t = int(program.buf_tensor[i])
-        buf = np.zeros((rows, cols), dtype=dtype)
-        if program.buf_role[i] in (INPUT, STATE) and names[t] in inputs:  # zero-padded at edges
-            r0, c0 = int(program.buf_r0[i]), int(program.buf_c0[i])
-            part = inputs[names[t]][r0:r0 + rows, c0:c0 + cols]
-            buf[:part.shape[0], :part.shape[1]] = part
-        data.append(buf)
+    """Run `program` on `inputs` (tensor name -> array); returns the output tensors.
 
+    Loops run as the engine runs them; a per-layer tensor "layers.{l}.q" is read (and, for a
+    cache, written) as "layers.3.q" in iteration 3 - loop_base of a core. Scratch buffers are
+    shared by the iterations, as on the wafer.
+    """
+    shapes = {}
+    for name, rows, cols in program.tensors:
+        shapes[name] = (rows, cols)
+    per_layer = program.templated()
+    base = program.loop_base if len(program.loop_base) else np.zeros(program.cores, np.int64)
+    count = program.loop_count if len(program.loop_count) else np.ones(program.cores, np.int64)
+    layer_names = {name.format(l=int(l)) for name in shapes if "{l}" in name
+                   for c in np.flatnonzero(count) for l in range(base[c], base[c] + count[c])}
+    for name, arr in inputs.items():
+        pattern = _pattern(name, shapes)
+        if name not in shapes and name not in layer_names:
+            raise ValueError(f"input {name!r} is not a tensor of the program")
+        if arr.shape != shapes[pattern]:
+            raise ValueError(f"input {name!r} has shape {arr.shape}, program expects "
+                             f"{shapes[pattern]}")
+    names = [t[0] for t in program.tensors]
+
+    def load(i: int, layer: int) -> np.ndarray:
+        rows, cols = int(program.buf_rows[i]), int(program.buf_cols[i])
+        buf = np.zeros((rows, cols), dtype=dtype)
+        t = int(program.buf_tensor[i])
+        name = names[t].format(l=layer) if t >= 0 else None
+        if program.buf_role[i] in (INPUT, STATE) and name in inputs:  # zero-padded at edges
+            r0, c0 = int(program.buf_r0[i]), int(program.buf_c0[i])
+            part = inputs[name][r0:r0 + rows, c0:c0 + cols]
+            buf[:part.shape[0], :part.shape[1]] = part
+        return buf
+
+    data = [None if per_layer[i] else load(i, 0) for i in range(len(program.buf_core))]
+    layered: dict[tuple[int, int], np.ndarray] = {}  # (buffer, layer) -> data
+
+    class View:  # buffer id -> array, resolving per-layer buffers for the running core
+        layer = 0
+
+        def __getitem__(self, i):
+            if i < 0 or not per_layer[i]:
+                return data[i]
+            key = (i, self.layer)
+            if key not in layered:
+                layered[key] = load(i, self.layer)
+            return layered[key]
+
+        def __setitem__(self, i, value):
+            if per_layer[i]:
+                self[i]  # noqa: B018 (load first)
+                layered[(i, self.layer)] = value
+            else:
+                data[i] = value
+
+    view = View()
+    # Every receiving route entry has a queue of payloads, so iterations may run ahead.
     entry_msg = program.entry_msg
-    payload: dict[int, np.ndarray] = {}
+    recv_entries = np.unique(program.ins_arg[program.ins_kind == RECV])
+    by_msg: dict[int, list[int]] = {}
+    for e in recv_entries:
+        by_msg.setdefault(int(entry_msg[e]), []).append(int(e))
+    queues: dict[int, deque] = {int(e): deque() for e in recv_entries}
     pc = program.core_ptr[:-1].copy()
     end = program.core_ptr[1:]
-    pending = list(np.flatnonzero(pc < end))
+    it = np.zeros(program.cores, np.int64)
+    lstart = program.loop_start if len(program.loop_start) else pc.copy()
+    lend = program.loop_end if len(program.loop_end) else pc.copy()
+    pending = [c for c in range(program.cores) if pc[c] < end[c]]
     while pending:
         progressed = False
         still = []
         for c in pending:
-            while pc[c] < end[c]:
+            while True:
+                if pc[c] == lend[c] and it[c] + 1 < count[c]:
+                    pc[c], it[c] = lstart[c], it[c] + 1
+                if pc[c] >= end[c]:
+                    break
                 i = pc[c]
+                view.layer = int(base[c] + it[c])
                 kind = program.ins_kind[i]
                 a, b, dst = program.ins_a[i], program.ins_b[i], program.ins_c[i]
                 if kind == COMPUTE:
-                    _compute(program.ins_op[i], data, a, b, dst, program.ins_imm[i])
+                    _compute(program.ins_op[i], view, a, b, dst, program.ins_imm[i])
                 elif kind == SEND:
-                    payload[int(program.ins_arg[i])] = data[a].copy()
+                    for e in by_msg.get(int(program.ins_arg[i]), ()):
+                        queues[e].append(view[a].copy())
                 else:
                     assert kind == RECV
-                    m = int(entry_msg[program.ins_arg[i]])
-                    if m not in payload:
+                    q = queues[int(program.ins_arg[i])]
+                    if not q:
                         break
-                    if payload[m].shape != data[dst].shape:
-                        raise SimulationError(f"message {m} carries {payload[m].shape}, "
-                                              f"receive buffer is {data[dst].shape}")
-                    data[dst] = payload[m].copy()
+                    payload = q.popleft()
+                    if payload.shape != view[dst].shape:
+                        raise SimulationError(f"message {entry_msg[program.ins_arg[i]]} "
+                                              f"carries {payload.shape}, receive buffer is "
+                                              f"{view[dst].shape}")
+                    view[dst] = payload
                 pc[c] += 1
                 progressed = True
             if pc[c] < end[c]:
@@ -74,17 +128,24 @@ def execute(program: MeshProgram, inputs: dict[str, np.ndarray], dtype=np.float3
             raise SimulationError(f"deadlock in functional mode: {len(still)} cores blocked")
         pending = still
 
+    # Gather outputs: (tensor name, buffer data) of every OUTPUT / STATE buffer.
+    found: dict[str, list] = {}
+    for i in np.flatnonzero(np.isin(program.buf_role, (OUTPUT, STATE))):
+        name = names[program.buf_tensor[i]]
+        if per_layer[i]:
+            for (j, layer), arr in layered.items():
+                if j == i:
+                    found.setdefault(name.format(l=layer), []).append((i, arr))
+        else:
+            found.setdefault(name, []).append((i, data[i]))
     outputs = {}
-    for t, (name, rows, cols) in enumerate(program.tensors):
-        bufs = np.flatnonzero((program.buf_tensor == t) & np.isin(program.buf_role,
-                                                                   (OUTPUT, STATE)))
-        if not len(bufs):
-            continue
+    for name, parts in found.items():
+        rows, cols = shapes[_pattern(name, shapes)]
         out = np.full((rows, cols), np.nan, dtype=dtype)
-        for i in bufs:
+        for i, arr in parts:
             r0, c0 = int(program.buf_r0[i]), int(program.buf_c0[i])
-            block = out[r0:r0 + data[i].shape[0], c0:c0 + data[i].shape[1]]
-            tile = data[i][:block.shape[0], :block.shape[1]]  # drop padding past the edge
+            block = out[r0:r0 + arr.shape[0], c0:c0 + arr.shape[1]]
+            tile = arr[:block.shape[0], :block.shape[1]]  # drop padding past the edge
             seen = ~np.isnan(block)
             if np.any(seen) and not np.allclose(block[seen], tile[seen], atol=atol, rtol=1e-4):
                 raise SimulationError(f"output {name!r}: copies on different cores disagree")
@@ -93,6 +154,14 @@ def execute(program: MeshProgram, inputs: dict[str, np.ndarray], dtype=np.float3
             raise SimulationError(f"output {name!r}: some elements are held by no core")
         outputs[name] = out
     return outputs
+
+
+def _pattern(name: str, shapes: dict) -> str:
+    """The program's tensor name for `name` ("layers.3.q" -> "layers.{l}.q")."""
+    if name in shapes:
+        return name
+    parts = name.split(".")
+    return ".".join("{l}" if p.isdigit() else p for p in parts)
 
 
 def _compute(op, data, a, b, c, imm):

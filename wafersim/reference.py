@@ -16,8 +16,11 @@ from wafersim.engine import COMPUTE, DEADLOCK, OK, SEND
 
 
 def run_reference(core_ptr, ins_kind, ins_cycles, ins_arg, route_link, entry_ser, n_links,
-                  hop_latency, send_overhead, recv_overhead, compute_overhead, max_events=None):
+                  hop_latency, send_overhead, recv_overhead, compute_overhead, max_events=None,
+                  loop_start=None, loop_end=None, loop_count=None, entry_recv=None):
     """Returns (status, events, core_time, core_busy, core_overhead, core_wait)."""
+    if loop_count is not None and np.any(np.asarray(loop_count) > 1):
+        raise ValueError("the SimPy reference does not run looped programs")
     n_cores = len(core_ptr) - 1
     env = simpy.Environment()
     core_time = [0] * n_cores

@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 
-from compiler.program import COMPUTE, KIND_NAMES, SEND, MeshProgram
+from compiler.program import COMPUTE, KIND_NAMES, RECV, SEND, MeshProgram
 from compiler.targets import MeshTarget
-from wafersim.engine import DEADLOCK, WATCHDOG, run_kernel
+from wafersim.engine import DEADLOCK, FULL, OVERRUN, WATCHDOG, run_kernel
 from wafersim.result import SimResult, SimulationError
 
 
@@ -42,7 +42,9 @@ def kernel_args(program: MeshProgram, target: MeshTarget, max_events: int | None
         raise SimulationError(f"program has {program.n_hops:,} message hops; the engine takes "
                               "at most 2**30")
     if max_events is None:
-        max_events = 4 * (program.cores + program.n_hops + program.n_instructions) + 16
+        reps = program.ins_repeats()
+        hops = int((np.diff(program.route_ptr) * program.msg_repeats()).sum())
+        max_events = 4 * (program.cores + hops + int(reps.sum())) + 16
     entry_ser = message_cycles(program, target)[program.entry_msg].astype(np.int32)
     last = program.route_ptr[1:] - 1
     last = last[np.diff(program.route_ptr) > 0]
@@ -50,10 +52,17 @@ def kernel_args(program: MeshProgram, target: MeshTarget, max_events: int | None
     arg = program.ins_arg.copy()
     send = program.ins_kind == SEND
     arg[send] = program.route_ptr[arg[send]]
+    entry_recv = np.zeros(program.n_hops, dtype=np.bool_)
+    entry_recv[program.ins_arg[program.ins_kind == RECV]] = True
+    if len(program.loop_count):
+        loops = (program.loop_start, program.loop_end, program.loop_count)
+    else:
+        start = program.core_ptr[:-1]
+        loops = (start, start, np.ones(program.cores, dtype=np.int64))
     return (program.core_ptr, program.ins_kind, compute_cycles(program, target), arg,
             program.route_link, entry_ser, program.cores * 4, target.hop_latency_cycles,
             target.send_overhead_cycles, target.recv_overhead_cycles,
-            target.compute_overhead_cycles, max_events)
+            target.compute_overhead_cycles, max_events, *loops, entry_recv)
 
 
 def simulate(program: MeshProgram, target: MeshTarget, max_events: int | None = None
@@ -64,24 +73,33 @@ def simulate(program: MeshProgram, target: MeshTarget, max_events: int | None = 
     status, events, core_time, busy, overhead, wait, pc, _arrival, _free = run_kernel(*args)
     wall = time.perf_counter() - t0
     if status == WATCHDOG:
-        raise SimulationError(f"watchdog: more than {args[-1]:,} events; the program does not "
+        raise SimulationError(f"watchdog: more than {args[11]:,} events; the program does not "
                               "terminate")
     if status == DEADLOCK:
         raise SimulationError(_deadlock_message(program, pc))
+    if status == OVERRUN:
+        raise SimulationError("a loop iteration delivered a message before the previous "
+                              "iteration's copy was received; simulate the layers unrolled")
+    if status == FULL:
+        raise SimulationError("the engine's event pool is full (a loop runs far ahead)")
     entry_msg = program.entry_msg
     n_links = program.cores * 4
-    msg_cycles = message_cycles(program, target)
+    msg_reps = program.msg_repeats()
+    msg_cycles = message_cycles(program, target) * msg_reps
+    msg_bytes = program.msg_bytes * msg_reps
     return SimResult(
         system=target.name, width=program.width, height=program.height,
         clock_hz=target.clock_hz, makespan_cycles=int(core_time.max(initial=0)),
         core_busy=busy, core_overhead=overhead, core_wait=wait,
         core_active=np.diff(program.core_ptr) > 0,
-        link_bytes=np.bincount(program.route_link, weights=program.msg_bytes[entry_msg],
+        link_bytes=np.bincount(program.route_link, weights=msg_bytes[entry_msg],
                                minlength=n_links).astype(np.int64),
         link_busy=np.bincount(program.route_link, weights=msg_cycles[entry_msg],
                               minlength=n_links).astype(np.int64),
-        messages=program.n_messages, hops=program.n_hops, events=int(events), sim_wall_s=wall,
-        flops=int(program.ins_flops[program.ins_kind == COMPUTE].sum()),
+        messages=int(msg_reps.sum()),
+        hops=int((np.diff(program.route_ptr) * msg_reps).sum()), events=int(events),
+        sim_wall_s=wall,
+        flops=int((program.ins_flops * program.ins_repeats())[program.ins_kind == COMPUTE].sum()),
         meta=dict(program.meta),
     )
 

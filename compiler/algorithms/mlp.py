@@ -24,7 +24,7 @@ def mlp_block(bld: ProgramBuilder, region: Region, h, b: int, d: int, f: int, pr
               levels: int = 2, step: int = 0):
     """h + MLP(RMSNorm(h)). `h`: [rows, cols] buffer ids split over columns.
 
-    Weights are read from tensors `{prefix}.norm` [1, d], `{prefix}.gate` [d, f] (gated only),
+    Weights are read from tensors `{prefix}.mlp_norm` [1, d], `{prefix}.gate` [d, f] (gated only),
     `{prefix}.up` [d, f] and `{prefix}.down` [f, d]. Returns (output buffer ids, next step).
     """
     if act not in ACTIVATIONS:
@@ -33,7 +33,7 @@ def mlp_block(bld: ProgramBuilder, region: Region, h, b: int, d: int, f: int, pr
     if d < region.cols or f < region.rows:
         raise ProgramError(f"mlp block: a {region.cols}x{region.rows} region needs hidden size "
                            f">= {region.cols} and ffn size >= {region.rows} (got {d}, {f})")
-    xn, step = rmsnorm(bld, region, h, b, d, f"{prefix}.norm", eps, levels=levels, step=step)
+    xn, step = rmsnorm(bld, region, h, b, d, f"{prefix}.mlp_norm", eps, levels=levels, step=step)
     kw = dict(algo=algo, levels=levels, k_axis="cols", x=xn)
     up, step = gemv(bld, region, b, d, f, names=(None, f"{prefix}.up", None), step=step, **kw)
     act_in = up

@@ -1,0 +1,395 @@
+"""compile_model: a whole decoder-only model's decode step, placed on a wafer.
+
+Passes (pure functions; the data flows top to bottom):
+- `partition`: the region shape every layer runs on and how many regions the layers are
+  spread over, by policy (below), checked against SRAM with `memory_per_core`;
+- `place`: regions tiled over the wafer in serpentine order (consecutive regions touch),
+  layers split over them, the embedding table on the first and the LM head on the last;
+- `lower`: per-core instruction streams. Each region's cores run [receive h | embed] ->
+  one layer, looped once per layer the region holds -> [send h on | norm, LM head, argmax].
+  Every layer of a region runs the same instructions on its own weights (tensor names
+  "layers.{l}.*"), so the layers are identical by construction and the loop is the proof;
+- `check`: SRAM per core (weights and caches once per layer of the loop), colours per router.
+
+Policies:
+- "waferllm" (default, WaferLLM's wafer-scale placement): square P x P regions, each holding a
+  stack of consecutive layers whose GEMVs use the whole region; P is the largest that fits,
+  so each GEMV gets as many cores as memory allows.
+- "pipeline": one layer per region, regions as large as the wafer divided by the layer count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+
+from compiler.algorithms.allreduce import ktree_reduce, line_broadcast
+from compiler.algorithms.attention import attention_block, head_layout, pack_cache
+from compiler.algorithms.common import Region, split
+from compiler.algorithms.meshgemv import gemv
+from compiler.algorithms.mlp import ACTIVATIONS, mlp_block
+from compiler.algorithms.norm import rmsnorm
+from compiler.program import (
+    INPUT,
+    OP_ARGMAX,
+    OP_ARGMAX2,
+    OP_COPY,
+    OUTPUT,
+    MeshProgram,
+    ProgramBuilder,
+    ProgramError,
+)
+from compiler.targets import DTYPE_BYTES, MeshTarget
+from models.config import ModelConfig
+from models.reference import rope_angles
+
+POLICIES = ("waferllm", "pipeline")
+LAYER = "layers.{l}"
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """What to compile. `capacity`: KV tokens per sequence the caches hold (default ctx + 1)."""
+
+    policy: str = "waferllm"
+    algo: str = "meshgemv"
+    levels: int = 2
+    capacity: int | None = None
+    region: tuple[int, int] | None = None  # (rows, cols) of every region, overriding the policy
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A region and the consecutive layers it holds."""
+
+    region: Region
+    first: int
+    count: int
+    embed: bool
+    head: bool
+
+
+@dataclass(frozen=True, eq=False)
+class CompiledModel:
+    program: MeshProgram
+    model: ModelConfig
+    target: MeshTarget
+    options: CompileOptions
+    phase: str
+    batch: int
+    ctx: int
+    slots: int
+    placements: tuple[Placement, ...]
+    memory: dict = field(default_factory=dict)
+
+    def info(self) -> dict:
+        """What a layout file records next to the program."""
+        return dict(model=self.model.to_dict(), model_name=self.model.name,
+                    target=self.target.to_dict(), phase=self.phase, batch=self.batch,
+                    ctx=self.ctx, slots=self.slots, options=vars(self.options),
+                    placements=[dict(rows=p.region.rows, cols=p.region.cols, x0=p.region.x0,
+                                     y0=p.region.y0, first=p.first, count=p.count,
+                                     embed=p.embed, head=p.head) for p in self.placements],
+                    memory=self.memory)
+
+
+def compile_model(graph: nx.DiGraph, target: MeshTarget,
+                  options: CompileOptions = CompileOptions()) -> CompiledModel:
+    """Place and lower the step `graph` (models.build_graph) on `target`."""
+    cfg: ModelConfig = graph.graph["cfg"]
+    phase, batch, ctx = graph.graph["phase"], graph.graph["batch"], graph.graph["ctx_len"]
+    _check_supported(cfg, phase, options)
+    capacity = ctx + 1 if options.capacity is None else options.capacity
+    if capacity < ctx + 1:
+        raise ProgramError(f"capacity {capacity} must hold the cached {ctx} tokens and the new "
+                           "one")
+    rows, cols, n_regions = partition(cfg, target, batch, capacity, options)
+    placements = place(cfg, target, rows, cols, n_regions)
+    slots = math.ceil(capacity / cols)
+    program = lower(cfg, target.width, target.height, placements, batch, ctx, slots, options)
+    program.check(target, f"{cfg.name} {phase}")
+    sram = program.sram_per_core()
+    free = target.sram_bytes - int(sram.max())
+    per_token = _kv_bytes_per_slot(cfg, rows, max(p.count for p in placements), batch)
+    memory = dict(sram_max_bytes=int(sram.max()), sram_limit_bytes=target.sram_bytes,
+                  sram_mean_bytes=float(sram[sram > 0].mean()),
+                  max_ctx=int((slots + free // per_token) * cols) - 1)
+    return CompiledModel(program, cfg, target, options, phase, batch, ctx, slots,
+                         tuple(placements), memory)
+
+
+def _check_supported(cfg: ModelConfig, phase: str, options: CompileOptions) -> None:
+    if phase != "decode":
+        raise ProgramError(f"phase {phase!r}: the whole-model compiler lowers decode only so far")
+    if cfg.norm != "rmsnorm" or cfg.position != "rope":
+        raise ProgramError(f"{cfg.name}: norm={cfg.norm!r}, position={cfg.position!r}; the "
+                           "whole-model compiler covers the LLaMA family (rmsnorm, rope)")
+    if cfg.o_proj_bias or cfg.mlp_bias:
+        raise ProgramError(f"{cfg.name}: o_proj / MLP biases are not lowered yet")
+    if cfg.hidden_act not in ACTIVATIONS:
+        raise ProgramError(f"{cfg.name}: hidden_act {cfg.hidden_act!r} is not one of "
+                           f"{', '.join(ACTIVATIONS)}")
+    if options.policy not in POLICIES:
+        raise ProgramError(f"policy {options.policy!r} is not one of {', '.join(POLICIES)}")
+
+
+# ---- partition ---------------------------------------------------------------------------
+
+def _matrices(cfg: ModelConfig) -> list[tuple[int, int, str]]:
+    """A layer's weight matrices as (K, N, which region axis K runs over)."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    mats = [(d, q, "cols"), (d, kv, "cols"), (d, kv, "cols"), (q, d, "rows"), (d, f, "cols"),
+            (f, d, "rows")]
+    return mats + ([(d, f, "cols")] if cfg.gated_mlp else [])
+
+
+def _tile(k: int, n: int, axis: str, rows: int, cols: int) -> int:
+    """Elements of the largest tile of a [k, n] matrix on a rows x cols region."""
+    kr, nr = (rows, cols) if axis == "rows" else (cols, rows)
+    return math.ceil(k / min(kr, k)) * math.ceil(n / min(nr, n))
+
+
+def _kv_bytes_per_slot(cfg: ModelConfig, rows: int, layers: int, batch: int) -> int:
+    """SRAM one more cache slot (per column) costs the busiest core: K and V rows, all layers."""
+    lay = head_layout(rows, cfg.num_key_value_heads,
+                      cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim)
+    widest = int((lay.nh * (2 * lay.ne + 1)).max())
+    return max(1, math.ceil(widest * DTYPE_BYTES[cfg.dtype] * layers * batch))
+
+
+def memory_per_core(cfg: ModelConfig, rows: int, cols: int, layers: int, batch: int,
+                    slots: int, embed: bool, head: bool) -> int:
+    """Bytes the busiest core of a region holds (weights, caches; scratch excluded)."""
+    db = DTYPE_BYTES[cfg.dtype]
+    elems = sum(_tile(k, n, axis, rows, cols) for k, n, axis in _matrices(cfg))
+    elems += 2 * math.ceil(cfg.hidden_size / cols)  # norms
+    total = layers * (elems * db) + slots * _kv_bytes_per_slot(cfg, rows, layers, batch)
+    vocab_tile = _tile(cfg.vocab_size, cfg.hidden_size, "rows", rows, cols)
+    return math.ceil(total + (embed + head) * vocab_tile * db)
+
+
+def _max_rows(cfg: ModelConfig) -> int:
+    return cfg.num_key_value_heads * cfg.head_dim // 2
+
+
+def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
+              options: CompileOptions) -> tuple[int, int, int]:
+    """(rows, cols, regions) of the policy: the largest regions whose layers fit in SRAM."""
+    L = cfg.num_hidden_layers
+    limit = 0.9 * target.sram_bytes  # room for scratch buffers, checked exactly after lowering
+
+    def fits(rows, cols, n):
+        counts = split(L, n)[1]
+        slots = math.ceil(capacity / cols)
+        return all(memory_per_core(cfg, rows, cols, int(c), batch, slots, i == 0, i == n - 1)
+                   <= limit for i, c in enumerate(counts))
+
+    if options.region is not None:
+        rows, cols = options.region
+        n = min(L, (target.height // rows) * (target.width // cols))
+        if n < 1:
+            raise ProgramError(f"region {cols}x{rows} does not fit {target.name}'s "
+                               f"{target.width}x{target.height} mesh")
+        if options.policy == "pipeline" and n < L:
+            raise ProgramError(f"pipeline: {L} layers need {L} regions of {cols}x{rows}, "
+                               f"{target.name} has room for {n}")
+        return rows, cols, n
+    top = min(target.width, target.height, cfg.hidden_size, _max_rows(cfg))
+    if options.policy == "waferllm":
+        for p in range(top, 1, -1):
+            n = min(L, (target.height // p) * (target.width // p))
+            if fits(p, p, n):
+                return p, p, n
+    else:
+        best = None
+        for gr in range(1, L + 1):
+            gc = math.ceil(L / gr)
+            rows = min(target.height // gr, _max_rows(cfg), cfg.hidden_size)
+            cols = min(target.width // gc, cfg.hidden_size)
+            if rows >= 1 and cols >= 1 and (best is None or rows * cols > best[0] * best[1]):
+                if fits(rows, cols, L):
+                    best = (rows, cols, L)
+        if best:
+            return best
+    need = memory_per_core(cfg, 1, 1, L, batch, capacity, True, True)
+    raise ProgramError(
+        f"{cfg.name} does not fit {target.name} with policy {options.policy}: it needs about "
+        f"{need / (target.width * target.height * 1e3):.1f} KB per core over all "
+        f"{target.width * target.height:,} cores, which have {target.sram_bytes / 1e3:.0f} KB")
+
+
+# ---- place -------------------------------------------------------------------------------
+
+def place(cfg: ModelConfig, target: MeshTarget, rows: int, cols: int, n: int
+          ) -> list[Placement]:
+    """Regions in serpentine order over the wafer's grid of rows x cols blocks."""
+    per_row = target.width // cols
+    first, counts = split(cfg.num_hidden_layers, n)
+    out = []
+    for k in range(n):
+        by, bx = divmod(k, per_row)
+        if by % 2:
+            bx = per_row - 1 - bx
+        out.append(Placement(Region(rows, cols, bx * cols, by * rows), int(first[k]),
+                             int(counts[k]), k == 0, k == n - 1))
+    return out
+
+
+# ---- lower -------------------------------------------------------------------------------
+
+def lower(cfg: ModelConfig, width: int, height: int, placements, batch: int, ctx: int,
+          slots: int, options: CompileOptions) -> MeshProgram:
+    """The per-core program of one decode step (see the module docstring)."""
+    bld = ProgramBuilder(width, height, cfg.dtype)
+    d, lv = cfg.hidden_size, options.levels
+    kw = dict(algo=options.algo, levels=lv)
+    # Step ranges: prologue < 1e6 <= loop body < 2e6 <= epilogue.
+    LOOP, EPI = 1_000_000, 2_000_000
+    count = np.ones(width * height, np.int64)
+    base = np.zeros(width * height, np.int64)
+    prev = None
+    for k, p in enumerate(placements):
+        reg = p.region
+        grid = reg.cores(width)
+        if p.embed:
+            h, _ = _embed(bld, reg, cfg, batch, lv, kw)
+        else:
+            h = _receive(bld, prev, reg, d, batch, lv, k)
+        prefix = LAYER
+        h_in = h
+        h, s = attention_block(
+            bld, reg, h_in, batch, d, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.head_dim, prefix, ctx=ctx, slots=slots, qkv_bias=cfg.qkv_bias,
+            eps=cfg.norm_eps, step=LOOP, **kw)
+        h, s = mlp_block(bld, reg, h, batch, d, cfg.intermediate_size, prefix,
+                         gated=cfg.gated_mlp, act=cfg.hidden_act, eps=cfg.norm_eps, step=s, **kw)
+        # The next iteration reads h where this one wrote it.
+        _carry(bld, grid, h, h_in, s)
+        if s >= EPI:
+            raise ProgramError("layer body too long for the step ranges")
+        count[grid.ravel()] = p.count
+        base[grid.ravel()] = p.first
+        if p.head:
+            _head(bld, reg, cfg, h_in, batch, lv, kw)
+        prev = (reg, h_in)
+    return bld.build(loop=(LOOP, EPI, count, base))
+
+
+def _carry(bld, grid, h_out, h_in, step):
+    bld.compute(grid.ravel(), step, OP_COPY, c=np.asarray(h_in).ravel(),
+                a=np.asarray(h_out).ravel())
+
+
+def _embed(bld, reg: Region, cfg: ModelConfig, batch: int, levels: int, kw):
+    """Token ids enter at the region's corner, are broadcast, and look up their rows."""
+    grid = reg.cores(bld.width)
+    rows, cols = grid.shape
+    tid = bld.tensor("ids", batch, 1)
+    ids = np.full(grid.shape, -1, np.int64)
+    ids[0, 0] = bld.buffers(grid[0, 0], batch, 1, INPUT, tid)[0]
+    nb = np.array([int(math.ceil(batch * DTYPE_BYTES[bld.dtype]))])
+    step = 0
+    if cols > 1:
+        ids[0, 1:] = bld.buffers(grid[0, 1:], batch, 1)
+        step = line_broadcast(bld, grid[:1], 0, ids[:1, 0], ids[:1], step, levels, nb)
+    if rows > 1:
+        ids[1:, :] = bld.buffers(grid[1:, :].ravel(), batch, 1).reshape(rows - 1, cols)
+        step = line_broadcast(bld, grid.T, 0, ids[0, :], ids.T, step, levels,
+                              np.repeat(nb, cols))
+    return gemv(bld, reg, batch, cfg.vocab_size, cfg.hidden_size, k_axis="rows", x=ids,
+                names=(None, "embed", None), lookup=True, step=step, **kw)
+
+
+def _receive(bld, prev, reg: Region, d: int, batch: int, levels: int, k: int):
+    """h from the previous region: column j's chunk crosses over, then runs down column j."""
+    preg, h_prev = prev
+    grid, pgrid = reg.cores(bld.width), preg.cores(bld.width)
+    rows, cols = grid.shape
+    c0, cs = split(d, cols)
+    if preg.y0 == reg.y0:  # side by side: each column crosses on its own row
+        rs = rd = np.arange(cols) % rows
+    else:  # stacked: bottom row to top row, or top to bottom
+        down = reg.y0 > preg.y0
+        rs = np.full(cols, rows - 1 if down else 0)
+        rd = np.full(cols, 0 if down else rows - 1)
+    src, dst = pgrid[rs, np.arange(cols)], grid[rd, np.arange(cols)]
+    nbytes = np.ceil(batch * cs * DTYPE_BYTES[bld.dtype]).astype(np.int64)
+    msgs = bld.messages(src, dst, nbytes, levels + 3)
+    EPI = 2_000_000
+    bld.send(src, EPI, msgs, np.asarray(h_prev)[rs, np.arange(cols)])
+    h = bld.buffers(grid.ravel(), batch, np.tile(cs, rows)).reshape(grid.shape)
+    bld.recv(dst, 0, msgs, h[rd, np.arange(cols)])
+    # Broadcast down (and up) each column from the receiving row.
+    step = 1
+    for r in np.unique(rd):
+        which = np.flatnonzero(rd == r)
+        step = max(step, line_broadcast(bld, grid.T[which], int(r), h[r, which], h.T[which], 1,
+                                        levels, nbytes[which]))
+    return h
+
+
+def _head(bld, reg: Region, cfg: ModelConfig, h, batch: int, levels: int, kw):
+    """Final norm, LM head (logits split over rows) and greedy sampling (argmax)."""
+    EPI = 2_000_000
+    grid = reg.cores(bld.width)
+    xn, step = rmsnorm(bld, reg, h, batch, cfg.hidden_size, "final_norm", cfg.norm_eps,
+                       levels=levels, step=EPI + 10)
+    logits, step = gemv(bld, reg, batch, cfg.hidden_size, cfg.vocab_size, k_axis="cols", x=xn,
+                        names=(None, "lm_head", "logits"), allreduce=False, step=step, **kw)
+    # Each row's reduction root holds its logits chunk; argmax there, then along the roots.
+    held = np.asarray(logits) >= 0
+    roots_r, roots_c = np.nonzero(held)
+    n0, _ = split(cfg.vocab_size, min(grid.shape[0], cfg.vocab_size))
+    cores = grid[roots_r, roots_c]
+    best = bld.buffers(cores, batch, 2)
+    bld.compute(cores, step, OP_ARGMAX, c=best, a=logits[held], imm=(n0[roots_r], 0.0))
+    tmp = bld.like(best)
+    if len(cores) > 1:
+        root, step = ktree_reduce(bld, cores[None, :], best[None, :], tmp[None, :], step + 1,
+                                  levels, 0,
+                                  np.array([math.ceil(batch * (DTYPE_BYTES[bld.dtype] + 4))]),
+                                  op=OP_ARGMAX2)
+    else:
+        root = 0
+    bld.mark(best[root:root + 1], OUTPUT, bld.tensor("next", batch, 2))
+
+
+# ---- weights -----------------------------------------------------------------------------
+
+def pack_inputs(compiled: CompiledModel, weights: dict[str, np.ndarray], ids: np.ndarray,
+                k_cache: list | None = None, v_cache: list | None = None
+                ) -> dict[str, np.ndarray]:
+    """The program's input tensors from model weights (models.reference names), the new
+    token ids [b] and the caches (per layer [b, ctx, KV * hd], k after RoPE)."""
+    cfg = compiled.model
+    g = cfg.num_attention_heads // cfg.num_key_value_heads
+    out = {"ids": np.asarray(ids, np.float32).reshape(-1, 1), "embed": weights["embed"],
+           "final_norm": weights["final_norm"], "lm_head": weights["lm_head"],
+           "rope": rope_angles(cfg, compiled.ctx)}
+    for p in compiled.placements:
+        lay = head_layout(p.region.rows, cfg.num_key_value_heads, g, cfg.head_dim)
+        for layer in range(p.first, p.first + p.count):
+            pre = f"layers.{layer}."
+            for name in ("attn_norm", "mlp_norm", "up", "down", "gate"):
+                if pre + name in weights:
+                    out[pre + name] = weights[pre + name]
+            for name, gg, pairs in (("q", g, True), ("k", 1, True), ("v", 1, False)):
+                order = lay.order(gg, pairs)
+                out[pre + name] = weights[pre + name][:, order]
+                if cfg.qkv_bias:
+                    out[pre + name + "_bias"] = weights[pre + name + "_bias"][:, order]
+            out[pre + "o"] = weights[pre + "o"][lay.order(g, False)]
+            kv = cfg.num_key_value_heads * cfg.head_dim
+            k = np.zeros((compiled.batch, 0, kv), np.float32) if k_cache is None else \
+                k_cache[layer]
+            v = np.zeros((compiled.batch, 0, kv), np.float32) if v_cache is None else \
+                v_cache[layer]
+            out[pre + "k_cache"], out[pre + "v_cache"] = pack_cache(
+                lay, np.asarray(k, np.float32), np.asarray(v, np.float32), p.region.cols,
+                compiled.slots)
+    return out
+

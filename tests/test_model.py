@@ -1,0 +1,65 @@
+"""The whole-model compiler: compiled tiny models give the numpy reference's logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compiler.model import CompileOptions, compile_model, pack_inputs
+from compiler.program import ProgramError
+from compiler.targets import load_target
+from models.config import load_model
+from models.graph import build_graph
+from models.reference import forward, random_weights
+from wafersim.functional import execute
+from wafersim.simulate import simulate
+
+CFG = load_model("tiny-llama")
+MESH = load_target("wse2").with_mesh(8, 8)
+
+
+@pytest.mark.parametrize("options", [
+    CompileOptions(),  # one 8x8 region holding both layers (a loop of two)
+    CompileOptions(policy="pipeline"),  # a region per layer, h handed across
+    CompileOptions(region=(3, 5)),  # uneven tiles, regions stacked vertically
+])
+def test_decode_steps_match_the_reference(options):
+    weights = random_weights(CFG, seed=1)
+    prompt = np.array([[3, 17, 99, 5], [8, 1, 2, 250]])
+    logits, cache = forward(CFG, weights, prompt)
+    ids = logits[:, -1].argmax(-1)
+    k_wafer = v_wafer = None
+    for step in range(3):
+        ctx = prompt.shape[1] + step
+        compiled = compile_model(build_graph(CFG, "decode", batch=2, ctx_len=ctx), MESH,
+                                 options.__class__(**{**vars(options), "capacity": 12}))
+        inputs = pack_inputs(compiled, weights, ids, list(cache.k), list(cache.v))
+        if k_wafer is not None:  # the caches the previous wafer step wrote
+            inputs.update(k_wafer)
+            inputs.update(v_wafer)
+        out = execute(compiled.program, inputs)
+        ref, cache = forward(CFG, weights, ids[:, None], cache)
+        np.testing.assert_allclose(out["logits"], ref[:, 0], rtol=1e-4, atol=1e-4)
+        assert np.array_equal(out["next"][:, 1], ref[:, 0].argmax(-1))
+        k_wafer = {n: a for n, a in out.items() if n.endswith("k_cache")}
+        v_wafer = {n: a for n, a in out.items() if n.endswith("v_cache")}
+        ids = ref[:, 0].argmax(-1)
+    res = simulate(compiled.program, MESH)
+    assert res.makespan_cycles > 0
+
+
+def test_memory_is_reported_and_checked():
+    compiled = compile_model(build_graph(CFG, "decode", ctx_len=8), MESH)
+    mem = compiled.memory
+    assert 0 < mem["sram_max_bytes"] <= mem["sram_limit_bytes"]
+    assert mem["max_ctx"] >= 8
+    tiny_sram = MESH.__class__(**{**vars(MESH), "sram_bytes": 2048})
+    with pytest.raises(ProgramError, match="does not fit"):
+        compile_model(build_graph(CFG, "decode", ctx_len=8), tiny_sram)
+
+
+def test_unsupported_models_are_refused():
+    with pytest.raises(ProgramError, match="LLaMA family"):
+        compile_model(build_graph(load_model("tiny-gpt2"), "decode", ctx_len=8), MESH)
+    with pytest.raises(ProgramError, match="decode only"):
+        compile_model(build_graph(CFG, "prefill", seq_len=8), MESH)
