@@ -12,10 +12,11 @@ Passes (pure functions; the data flows top to bottom):
 - `check`: SRAM per core (weights and caches once per layer of the loop), colours per router.
 
 Policies:
-- "waferllm" (default, WaferLLM's wafer-scale placement): square P x P regions, each holding a
-  stack of consecutive layers whose GEMVs use the whole region; P is the largest that fits,
-  so each GEMV gets as many cores as memory allows.
-- "pipeline": one layer per region, regions as large as the wafer divided by the layer count.
+- "waferllm" (default, WaferLLM's wafer-scale placement): regions holding stacks of consecutive
+  layers whose GEMVs use the whole region, as large as memory allows (fewest regions), so each
+  GEMV gets as many cores as possible.
+- "pipeline": as many regions as fit (at most one per layer, plus one for each vocabulary table
+  where a table needs a region of its own), so layers are stacked as little as possible.
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def compile_model(graph: nx.DiGraph, target: MeshTarget,
     if capacity < ctx + 1:
         raise ProgramError(f"capacity {capacity} must hold the cached {ctx} tokens and the new "
                            "one")
-    rows, cols, n_regions = partition(cfg, target, batch, capacity, options)
-    placements = place(cfg, target, rows, cols, n_regions)
+    rows, cols, counts = partition(cfg, target, batch, capacity, options)
+    placements = place(target, rows, cols, counts)
     slots = math.ceil(capacity / cols)
     program = lower(cfg, target.width, target.height, placements, batch, ctx, slots, options)
     program.check(target, f"{cfg.name} {phase}")
@@ -161,61 +162,83 @@ def _kv_bytes_per_slot(cfg: ModelConfig, rows: int, layers: int, batch: int) -> 
     return max(1, math.ceil(widest * DTYPE_BYTES[cfg.dtype] * layers * batch))
 
 
-def memory_per_core(cfg: ModelConfig, rows: int, cols: int, layers: int, batch: int,
-                    slots: int, embed: bool, head: bool) -> int:
-    """Bytes the busiest core of a region holds (weights, caches; scratch excluded)."""
-    db = DTYPE_BYTES[cfg.dtype]
+def layer_bytes(cfg: ModelConfig, rows: int, cols: int, batch: int, slots: int) -> int:
+    """Bytes one layer puts on the busiest core of a region: weight tiles, norms, its caches."""
     elems = sum(_tile(k, n, axis, rows, cols) for k, n, axis in _matrices(cfg))
     elems += 2 * math.ceil(cfg.hidden_size / cols)  # norms
-    total = layers * (elems * db) + slots * _kv_bytes_per_slot(cfg, rows, layers, batch)
-    vocab_tile = _tile(cfg.vocab_size, cfg.hidden_size, "rows", rows, cols)
-    return math.ceil(total + (embed + head) * vocab_tile * db)
+    return math.ceil(elems * DTYPE_BYTES[cfg.dtype]) + slots * _kv_bytes_per_slot(
+        cfg, rows, 1, batch)
+
+
+def table_bytes(cfg: ModelConfig, rows: int, cols: int) -> int:
+    """Bytes of the embedding table (or the LM head) on the busiest core of a region."""
+    return math.ceil(_tile(cfg.vocab_size, cfg.hidden_size, "rows", rows, cols)
+                     * DTYPE_BYTES[cfg.dtype])
+
+
+def distribute(layers: int, caps: list[int]) -> list[int] | None:
+    """Consecutive layer counts per region within each region's capacity, the largest count
+    as small as possible; None if the capacities cannot hold every layer."""
+    if sum(caps) < layers:
+        return None
+    m = next(m for m in range(1, layers + 1) if sum(min(c, m) for c in caps) >= layers)
+    counts = [min(c, m) for c in caps]
+    surplus = sum(counts) - layers
+    n = len(counts)
+    for k in dict.fromkeys([0, n - 1, *range(n - 2, 0, -1)]):  # lighten the table regions first
+        take = min(surplus, counts[k])
+        counts[k] -= take
+        surplus -= take
+    return counts
 
 
 def _max_rows(cfg: ModelConfig) -> int:
     return cfg.num_key_value_heads * cfg.head_dim // 2
 
 
-def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
-              options: CompileOptions) -> tuple[int, int, int]:
-    """(rows, cols, regions) of the policy: the largest regions whose layers fit in SRAM."""
-    L = cfg.num_hidden_layers
+def _counts(cfg, target, rows, cols, n, batch, capacity):
+    """Layer counts for n regions of rows x cols, or None when they do not fit."""
     limit = 0.9 * target.sram_bytes  # room for scratch buffers, checked exactly after lowering
+    per = layer_bytes(cfg, rows, cols, batch, math.ceil(capacity / cols))
+    table = table_bytes(cfg, rows, cols)
+    extra = [table * ((k == 0) + (k == n - 1)) for k in range(n)]
+    if max(extra) > limit:
+        return None
+    return distribute(cfg.num_hidden_layers, [int((limit - e) // per) for e in extra])
 
-    def fits(rows, cols, n):
-        counts = split(L, n)[1]
-        slots = math.ceil(capacity / cols)
-        return all(memory_per_core(cfg, rows, cols, int(c), batch, slots, i == 0, i == n - 1)
-                   <= limit for i, c in enumerate(counts))
 
+def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
+              options: CompileOptions) -> tuple[int, int, list[int]]:
+    """(rows, cols, layers per region) of the policy: the largest regions that fit."""
+    L = cfg.num_hidden_layers
     if options.region is not None:
         rows, cols = options.region
-        n = min(L, (target.height // rows) * (target.width // cols))
+        n = (target.height // rows) * (target.width // cols)
         if n < 1:
             raise ProgramError(f"region {cols}x{rows} does not fit {target.name}'s "
                                f"{target.width}x{target.height} mesh")
-        if options.policy == "pipeline" and n < L:
-            raise ProgramError(f"pipeline: {L} layers need {L} regions of {cols}x{rows}, "
-                               f"{target.name} has room for {n}")
-        return rows, cols, n
-    top = min(target.width, target.height, cfg.hidden_size, _max_rows(cfg))
-    if options.policy == "waferllm":
-        for p in range(top, 1, -1):
-            n = min(L, (target.height // p) * (target.width // p))
-            if fits(p, p, n):
-                return p, p, n
-    else:
-        best = None
-        for gr in range(1, L + 1):
-            gc = math.ceil(L / gr)
+        counts = _counts(cfg, target, rows, cols, min(n, L + 2), batch, capacity)
+        if counts is None:
+            raise ProgramError(f"{cfg.name} does not fit {n} regions of {cols}x{rows} cores")
+        return rows, cols, counts
+    best = None  # (key, rows, cols, counts)
+    for gr in range(1, L + 3):
+        for gc in range(1, L + 3):
+            n = min(gr * gc, L + 2)
             rows = min(target.height // gr, _max_rows(cfg), cfg.hidden_size)
             cols = min(target.width // gc, cfg.hidden_size)
-            if rows >= 1 and cols >= 1 and (best is None or rows * cols > best[0] * best[1]):
-                if fits(rows, cols, L):
-                    best = (rows, cols, L)
-        if best:
-            return best
-    need = memory_per_core(cfg, 1, 1, L, batch, capacity, True, True)
+            if rows < 1 or cols < 1:
+                continue
+            counts = _counts(cfg, target, rows, cols, n, batch, capacity)
+            if counts:
+                # waferllm: the largest regions; pipeline: the least stacking, then the largest
+                key = ((rows * cols,) if options.policy == "waferllm"
+                       else (-max(counts), rows * cols))
+                if best is None or key > best[0]:
+                    best = (key, rows, cols, counts)
+    if best:
+        return best[1:]
+    need = (L * layer_bytes(cfg, 1, 1, batch, capacity) + 2 * table_bytes(cfg, 1, 1))
     raise ProgramError(
         f"{cfg.name} does not fit {target.name} with policy {options.policy}: it needs about "
         f"{need / (target.width * target.height * 1e3):.1f} KB per core over all "
@@ -224,11 +247,11 @@ def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
 
 # ---- place -------------------------------------------------------------------------------
 
-def place(cfg: ModelConfig, target: MeshTarget, rows: int, cols: int, n: int
-          ) -> list[Placement]:
+def place(target: MeshTarget, rows: int, cols: int, counts: list[int]) -> list[Placement]:
     """Regions in serpentine order over the wafer's grid of rows x cols blocks."""
     per_row = target.width // cols
-    first, counts = split(cfg.num_hidden_layers, n)
+    n = len(counts)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
     out = []
     for k in range(n):
         by, bx = divmod(k, per_row)
@@ -261,6 +284,11 @@ def lower(cfg: ModelConfig, width: int, height: int, placements, batch: int, ctx
             h = _receive(bld, prev, reg, d, batch, lv, k)
         prefix = LAYER
         h_in = h
+        prev = (reg, h_in)
+        if p.count == 0:  # a region holding only a table
+            if p.head:
+                _head(bld, reg, cfg, h_in, batch, lv, kw)
+            continue
         h, s = attention_block(
             bld, reg, h_in, batch, d, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.head_dim, prefix, ctx=ctx, slots=slots, qkv_bias=cfg.qkv_bias,
@@ -275,7 +303,6 @@ def lower(cfg: ModelConfig, width: int, height: int, placements, batch: int, ctx
         base[grid.ravel()] = p.first
         if p.head:
             _head(bld, reg, cfg, h_in, batch, lv, kw)
-        prev = (reg, h_in)
     return bld.build(loop=(LOOP, EPI, count, base))
 
 

@@ -48,3 +48,30 @@ def test_bad_input_is_one_line_and_exit_2():
         assert out.exit_code == 2, (args, out.output)
         assert msg in out.stderr and len(out.stderr.strip().splitlines()) == 1
         assert "Traceback" not in out.output
+
+
+def test_compile_then_simulate_a_layout(tmp_path):
+    path = str(tmp_path / "tiny.wsl")
+    out = runner.invoke(app, ["compile", "tiny-llama", "--target", "test16x16", "--ctx", "64",
+                              "-o", path, "--json"])
+    assert out.exit_code == 0, out.output
+    compiled = json.loads(out.stdout)
+    assert compiled["fits"] and compiled["sram_max_bytes"] <= compiled["sram_limit_bytes"]
+    assert compiled["max_ctx"] >= 64
+    runs = {}
+    for layers in ("all", "one"):
+        out = runner.invoke(app, ["simulate", path, "--layers", layers, "--json"])
+        assert out.exit_code == 0, out.output
+        runs[layers] = json.loads(out.stdout)
+    full, one = runs["all"], runs["one"]
+    assert not full["extrapolated"] and one["extrapolated"]
+    assert full["tokens_per_s"] > 0 and full["tpot_ms"] > 0
+    assert abs(full["busy_fraction"] + full["idle_fraction"] + full["overhead_fraction"] - 1) < 1e-9
+    assert full["flops"] == one["flops"]  # the whole step's work either way
+    assert abs(one["makespan_cycles"] - full["makespan_cycles"]) <= 0.05 * full["makespan_cycles"]
+
+
+def test_compile_refuses_a_model_that_does_not_fit():
+    out = runner.invoke(app, ["compile", "llama3-70b", "--target", "wse2"])
+    assert out.exit_code == 2
+    assert "does not fit" in out.output and "KB per core" in out.output

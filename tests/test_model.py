@@ -63,3 +63,11 @@ def test_unsupported_models_are_refused():
         compile_model(build_graph(load_model("tiny-gpt2"), "decode", ctx_len=8), MESH)
     with pytest.raises(ProgramError, match="decode only"):
         compile_model(build_graph(CFG, "prefill", seq_len=8), MESH)
+
+
+def test_default_policy_is_at_least_as_fast_as_pipeline():
+    graph = build_graph(CFG, "decode", ctx_len=64)
+    mesh = load_target("test16x16")
+    times = {p: simulate(compile_model(graph, mesh, CompileOptions(policy=p)).program,
+                         mesh).makespan_cycles for p in ("waferllm", "pipeline")}
+    assert times["waferllm"] <= times["pipeline"]

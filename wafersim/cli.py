@@ -160,6 +160,90 @@ def op(
     console.print(table)
 
 
+@app.command("compile")
+@user_errors
+def compile_cmd(
+    model: str = typer.Argument(..., help="Zoo model name or a config.json path."),
+    target: str = typer.Option("wse2", "--target", help="Preset name or target TOML/JSON file."),
+    phase: str = typer.Option("decode", "--phase", help="decode (prefill is not lowered yet)."),
+    batch: int = typer.Option(1, "--batch"),
+    ctx: int = typer.Option(4096, "--ctx", help="Tokens already in the KV cache."),
+    capacity: int = typer.Option(0, "--capacity", help="KV tokens the cache holds (0: ctx+1)."),
+    policy: str = typer.Option("waferllm", "--policy", help="waferllm or pipeline."),
+    region: str = typer.Option("", "--region", help="Force every region to ROWSxCOLS cores."),
+    output: str = typer.Option("", "-o", "--output", help="Write the layout file here."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Place a whole model on the wafer and lower it to per-core programs (a layout file)."""
+    import time
+
+    from compiler.layout import save_layout
+    from compiler.model import CompileOptions, compile_model
+    from models import build_graph, load_model
+
+    tgt = load_target(target)
+    cfg = load_model(model)
+    t0 = time.perf_counter()
+    graph = build_graph(cfg, phase, batch=batch, ctx_len=ctx)
+    options = CompileOptions(policy=policy, capacity=capacity or None,
+                             region=parse_mesh(region) if region else None)
+    compiled = compile_model(graph, tgt, options)
+    wall = time.perf_counter() - t0
+    if output:
+        save_layout(compiled.program, output, **compiled.info())
+    prog, mem = compiled.program, compiled.memory
+    summary = {"system": tgt.name, "model": cfg.name, "phase": phase, "batch": batch,
+               "ctx": ctx, "fits": True, "policy": policy,
+               "regions": len(compiled.placements),
+               "region": f"{compiled.placements[0].region.rows}x"
+                         f"{compiled.placements[0].region.cols}",
+               "layers_per_region": [p.count for p in compiled.placements],
+               "sram_max_bytes": mem["sram_max_bytes"], "sram_limit_bytes": tgt.sram_bytes,
+               "max_ctx": mem["max_ctx"], "instructions": prog.n_instructions,
+               "messages": prog.n_messages, "compile_wall_s": wall, "layout": output or None}
+    if as_json:
+        emit(summary)
+        return
+    table = Table("", "", title=f"{cfg.name} {phase} on {tgt.name} ({policy})")
+    _print_pairs(table, summary)
+
+
+def _print_pairs(table: Table, summary: dict) -> None:
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value:,}"
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command("simulate")
+@user_errors
+def simulate_cmd(
+    layout: str = typer.Argument(..., help="A layout file from `wafersim compile`."),
+    layers: str = typer.Option("all", "--layers",
+                               help="all: simulate every layer; one: one layer per region, "
+                                    "extrapolated (the layers are identical by construction)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Simulate a compiled layout: throughput, latency, utilisation, traffic."""
+    from compiler.layout import load_layout
+    from compiler.targets import MeshTarget
+    from wafersim.whole import simulate_layout
+
+    program, info = load_layout(layout)
+    if "target" not in info:
+        raise ValueError(f"{layout}: not a whole-model layout (no target recorded)")
+    tgt = MeshTarget.from_dict(info["target"])
+    summary = simulate_layout(program, tgt, info, layers)
+    if as_json:
+        emit(summary)
+        return
+    _print_pairs(Table("", "", title=f"{summary['model']} {summary['phase']} on {tgt.name}"),
+                 summary)
+
+
 @app.command()
 @user_errors
 def noc(

@@ -1,0 +1,82 @@
+"""Simulating a compiled whole model (a layout from compiler.model) and summarising it.
+
+`layers="all"` runs every core's layer loop as many times as its region holds layers: every
+layer's events are simulated, with the overlap between consecutive layers. `layers="one"` runs
+each region's loop once and once more, and extrapolates linearly: the layers of a region are
+the same instructions on different weights (the compiler's loop is the proof), so each further
+layer adds the measured difference. The result says which was done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from compiler.program import COMPUTE, MeshProgram
+from compiler.targets import MeshTarget
+from wafersim.simulate import simulate
+
+LAYER_MODES = ("all", "one")
+
+
+def _with_counts(program: MeshProgram, cap: int) -> MeshProgram:
+    return dataclasses.replace(program, loop_count=np.minimum(program.loop_count, cap))
+
+
+def simulate_layout(program: MeshProgram, target: MeshTarget, info: dict,
+                    layers: str = "all") -> dict:
+    """Simulate and return the DESIGN.md summary keys plus the whole-model figures."""
+    if layers not in LAYER_MODES:
+        raise ValueError(f"--layers {layers!r} is not one of {', '.join(LAYER_MODES)}")
+    t0 = time.perf_counter()
+    looped = len(program.loop_count) and program.looped
+    if layers == "all" or not looped:
+        res = simulate(program, target)
+        makespan, events, extrapolated = res.makespan_cycles, res.events, False
+    else:
+        res = simulate(_with_counts(program, 1), target)
+        two = simulate(_with_counts(program, 2), target)
+        counts = [p["count"] for p in info["placements"] if p["count"] > 0]
+        per_layer = (two.makespan_cycles - res.makespan_cycles) / len(counts)
+        makespan = res.makespan_cycles + per_layer * sum(c - 1 for c in counts)
+        events, extrapolated = res.events + two.events, True
+    wall = time.perf_counter() - t0
+    batch, phase = info["batch"], info["phase"]
+    seconds = makespan / target.clock_hz
+    summary = res.summary(model=info["model_name"], phase=phase, batch=batch, ctx=info["ctx"],
+                          tokens=batch)
+    fr = res.fractions()
+    last = int(np.argmax(res.core_busy + res.core_overhead + res.core_wait))
+    span = max(res.makespan_cycles, 1)
+    active = max(int(res.core_active.sum()), 1)
+    compute, reps = program.ins_kind == COMPUTE, program.ins_repeats()
+    flops = float((program.ins_flops * reps)[compute].sum())  # the whole step, every layer
+    sram_bytes = float((program.ins_bytes * reps)[compute].sum())
+    reps_m = program.msg_repeats()
+    hops = np.diff(program.route_ptr)
+    summary.update(
+        flops=flops, messages=int(reps_m.sum()), hops=int((hops * reps_m).sum()),
+        onchip_bytes=int((program.msg_bytes * hops * reps_m).sum()),
+        achieved_flops_per_s=flops / seconds,
+        makespan_s=seconds, makespan_cycles=int(makespan), tokens_per_s=batch / seconds,
+        tpot_ms=seconds * 1e3 if phase == "decode" else None,
+        ttft_ms=seconds * 1e3 if phase == "prefill" else None,
+        events=int(events), sim_wall_s=wall, layers_simulated=layers,
+        extrapolated=extrapolated,
+        busy_fraction=fr["busy"], idle_fraction=fr["idle"],
+        # The last core to finish: how its time splits (a proxy for the critical path).
+        last_core=f"({last % program.width},{last // program.width})",
+        last_core_compute=int(res.core_busy[last]) / span,
+        last_core_overhead=int(res.core_overhead[last]) / span,
+        last_core_wait=int(res.core_wait[last]) / span,
+        flops_utilisation=flops / (seconds * target.peak_flops(program.dtype)),
+        sram_bw_utilisation=sram_bytes / (makespan * active * target.sram_bytes_per_cycle),
+        regions=len(info["placements"]),
+        layers_per_region=[p["count"] for p in info["placements"]],
+        sram_max_bytes=info["memory"]["sram_max_bytes"], max_ctx=info["memory"]["max_ctx"],
+        active_cores=active,
+    )
+    return summary
+
