@@ -49,6 +49,7 @@ from models.reference import rope_angles
 
 POLICIES = ("waferllm", "pipeline")
 LAYER = "layers.{l}"
+LOOP, EPI = 1_000_000, 2_000_000  # step ranges: prologue < LOOP <= layer loop < EPI <= epilogue
 
 
 @dataclass(frozen=True)
@@ -270,8 +271,6 @@ def lower(cfg: ModelConfig, width: int, height: int, placements, batch: int, ctx
     bld = ProgramBuilder(width, height, cfg.dtype)
     d, lv = cfg.hidden_size, options.levels
     kw = dict(algo=options.algo, levels=lv)
-    # Step ranges: prologue < 1e6 <= loop body < 2e6 <= epilogue.
-    LOOP, EPI = 1_000_000, 2_000_000
     count = np.ones(width * height, np.int64)
     base = np.zeros(width * height, np.int64)
     prev = None
@@ -346,22 +345,19 @@ def _receive(bld, prev, reg: Region, d: int, batch: int, levels: int, k: int):
     src, dst = pgrid[rs, np.arange(cols)], grid[rd, np.arange(cols)]
     nbytes = np.ceil(batch * cs * DTYPE_BYTES[bld.dtype]).astype(np.int64)
     msgs = bld.messages(src, dst, nbytes, levels + 3)
-    EPI = 2_000_000
     bld.send(src, EPI, msgs, np.asarray(h_prev)[rs, np.arange(cols)])
     h = bld.buffers(grid.ravel(), batch, np.tile(cs, rows)).reshape(grid.shape)
     bld.recv(dst, 0, msgs, h[rd, np.arange(cols)])
     # Broadcast down (and up) each column from the receiving row.
-    step = 1
     for r in np.unique(rd):
         which = np.flatnonzero(rd == r)
-        step = max(step, line_broadcast(bld, grid.T[which], int(r), h[r, which], h.T[which], 1,
-                                        levels, nbytes[which]))
+        line_broadcast(bld, grid.T[which], int(r), h[r, which], h.T[which], 1, levels,
+                       nbytes[which])
     return h
 
 
 def _head(bld, reg: Region, cfg: ModelConfig, h, batch: int, levels: int, kw):
     """Final norm, LM head (logits split over rows) and greedy sampling (argmax)."""
-    EPI = 2_000_000
     grid = reg.cores(bld.width)
     xn, step = rmsnorm(bld, reg, h, batch, cfg.hidden_size, "final_norm", cfg.norm_eps,
                        levels=levels, step=EPI + 10)
