@@ -216,11 +216,13 @@ def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
         rows, cols = options.region
         n = (target.height // rows) * (target.width // cols)
         if n < 1:
-            raise ProgramError(f"region {cols}x{rows} does not fit {target.name}'s "
-                               f"{target.width}x{target.height} mesh")
-        counts = _counts(cfg, target, rows, cols, min(n, L + 2), batch, capacity)
+            raise ProgramError(f"region {rows}x{cols} (rows x cols) does not fit "
+                               f"{target.name}'s {target.height}x{target.width} mesh")
+        n = min(n, L + 2)
+        counts = _counts(cfg, target, rows, cols, n, batch, capacity)
         if counts is None:
-            raise ProgramError(f"{cfg.name} does not fit {n} regions of {cols}x{rows} cores")
+            raise ProgramError(f"{cfg.name} does not fit {n} regions of {rows}x{cols} (rows x "
+                               f"cols) cores: {target.sram_bytes:,} B of SRAM per core")
         return rows, cols, counts
     best = None  # (key, rows, cols, counts)
     for gr in range(1, L + 3):
@@ -281,7 +283,6 @@ def lower(cfg: ModelConfig, width: int, height: int, placements, batch: int, ctx
             h, _ = _embed(bld, reg, cfg, batch, lv, kw)
         else:
             h = _receive(bld, prev, reg, d, batch, lv, k)
-        prefix = LAYER
         h_in = h
         prev = (reg, h_in)
         if p.count == 0:  # a region holding only a table
@@ -290,9 +291,9 @@ def lower(cfg: ModelConfig, width: int, height: int, placements, batch: int, ctx
             continue
         h, s = attention_block(
             bld, reg, h_in, batch, d, cfg.num_attention_heads, cfg.num_key_value_heads,
-            cfg.head_dim, prefix, ctx=ctx, slots=slots, qkv_bias=cfg.qkv_bias,
+            cfg.head_dim, LAYER, ctx=ctx, slots=slots, qkv_bias=cfg.qkv_bias,
             eps=cfg.norm_eps, step=LOOP, **kw)
-        h, s = mlp_block(bld, reg, h, batch, d, cfg.intermediate_size, prefix,
+        h, s = mlp_block(bld, reg, h, batch, d, cfg.intermediate_size, LAYER,
                          gated=cfg.gated_mlp, act=cfg.hidden_act, eps=cfg.norm_eps, step=s, **kw)
         # The next iteration reads h where this one wrote it.
         _carry(bld, grid, h, h_in, s)

@@ -51,14 +51,14 @@ def user_errors(fn):
     return wrapper
 
 
-def parse_mesh(text: str) -> tuple[int, int]:
+def parse_mesh(text: str, option: str = "--mesh") -> tuple[int, int]:
     """'360x360' or '4x6' -> (rows, cols); the first number is rows (P), the second cols (Q)."""
     try:
         rows, cols = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--mesh {text!r}: expected ROWSxCOLS, e.g. 360x360") from None
+        raise ValueError(f"{option} {text!r}: expected ROWSxCOLS, e.g. 360x360") from None
     if rows < 1 or cols < 1:
-        raise ValueError(f"--mesh {text!r}: both sides must be >= 1")
+        raise ValueError(f"{option} {text!r}: both sides must be >= 1")
     return rows, cols
 
 
@@ -186,7 +186,7 @@ def compile_cmd(
     t0 = time.perf_counter()
     graph = build_graph(cfg, phase, batch=batch, ctx_len=ctx)
     options = CompileOptions(policy=policy, capacity=capacity or None,
-                             region=parse_mesh(region) if region else None)
+                             region=parse_mesh(region, "--region") if region else None)
     compiled = compile_model(graph, tgt, options)
     wall = time.perf_counter() - t0
     if output:

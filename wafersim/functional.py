@@ -34,8 +34,9 @@ def execute(program: MeshProgram, inputs: dict[str, np.ndarray], dtype=np.float3
     per_layer = program.templated()
     base = program.loop_base if len(program.loop_base) else np.zeros(program.cores, np.int64)
     count = program.loop_count if len(program.loop_count) else np.ones(program.cores, np.int64)
+    loops = np.unique(np.stack([base, count], axis=1), axis=0)  # (base, count) per region
     layer_names = {name.format(l=int(l)) for name in shapes if "{l}" in name
-                   for c in np.flatnonzero(count) for l in range(base[c], base[c] + count[c])}
+                   for b0, n in loops for l in range(b0, b0 + n)}
     for name, arr in inputs.items():
         pattern = _pattern(name, shapes)
         if name not in shapes and name not in layer_names:
@@ -130,14 +131,12 @@ def execute(program: MeshProgram, inputs: dict[str, np.ndarray], dtype=np.float3
 
     # Gather outputs: (tensor name, buffer data) of every OUTPUT / STATE buffer.
     found: dict[str, list] = {}
-    for i in np.flatnonzero(np.isin(program.buf_role, (OUTPUT, STATE))):
-        name = names[program.buf_tensor[i]]
-        if per_layer[i]:
-            for (j, layer), arr in layered.items():
-                if j == i:
-                    found.setdefault(name.format(l=layer), []).append((i, arr))
-        else:
-            found.setdefault(name, []).append((i, data[i]))
+    gathered = np.isin(program.buf_role, (OUTPUT, STATE))
+    for i in np.flatnonzero(gathered & ~per_layer):
+        found.setdefault(names[program.buf_tensor[i]], []).append((i, data[i]))
+    for (i, layer), arr in layered.items():
+        if gathered[i]:
+            found.setdefault(names[program.buf_tensor[i]].format(l=layer), []).append((i, arr))
     outputs = {}
     for name, parts in found.items():
         rows, cols = shapes[_pattern(name, shapes)]

@@ -31,8 +31,7 @@ def simulate_layout(program: MeshProgram, target: MeshTarget, info: dict,
     if layers not in LAYER_MODES:
         raise ValueError(f"--layers {layers!r} is not one of {', '.join(LAYER_MODES)}")
     t0 = time.perf_counter()
-    looped = len(program.loop_count) and program.looped
-    if layers == "all" or not looped:
+    if layers == "all" or not program.looped:
         res = simulate(program, target)
         makespan, events, extrapolated = res.makespan_cycles, res.events, False
     else:
