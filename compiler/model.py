@@ -171,6 +171,24 @@ def layer_bytes(cfg: ModelConfig, rows: int, cols: int, batch: int, slots: int) 
         cfg, rows, 1, batch)
 
 
+def _gemv_scratch(k: int, n: int, axis: str, rows: int, cols: int) -> int:
+    """Elements of a GEMV's activation buffers on a core: input slice, partial sum, receive
+    buffer."""
+    kr, nr = (rows, cols) if axis == "rows" else (cols, rows)
+    return math.ceil(k / min(kr, k)) + 2 * math.ceil(n / min(nr, n))
+
+
+def scratch_bytes(cfg: ModelConfig, rows: int, cols: int, batch: int, head: bool) -> int:
+    """Estimated activation (scratch) bytes on a core of a layer region, reused by every layer:
+    twice the GEMVs' buffers (norms, attention and residuals add about as much again, as
+    measured on LLaMA shapes); plus the LM head's logits when the region holds it. The exact
+    figure is checked after lowering."""
+    elems = 2 * sum(_gemv_scratch(k, n, axis, rows, cols) for k, n, axis in _matrices(cfg))
+    if head:
+        elems += _gemv_scratch(cfg.hidden_size, cfg.vocab_size, "cols", rows, cols)
+    return math.ceil(elems * batch * DTYPE_BYTES[cfg.dtype])
+
+
 def table_bytes(cfg: ModelConfig, rows: int, cols: int) -> int:
     """Bytes of the embedding table (or the LM head) on the busiest core of a region."""
     return math.ceil(_tile(cfg.vocab_size, cfg.hidden_size, "rows", rows, cols)
@@ -199,10 +217,11 @@ def _max_rows(cfg: ModelConfig) -> int:
 
 def _counts(cfg, target, rows, cols, n, batch, capacity):
     """Layer counts for n regions of rows x cols, or None when they do not fit."""
-    limit = 0.9 * target.sram_bytes  # room for scratch buffers, checked exactly after lowering
+    limit = 0.97 * target.sram_bytes  # the estimate's margin; checked exactly after lowering
     per = layer_bytes(cfg, rows, cols, batch, math.ceil(capacity / cols))
     table = table_bytes(cfg, rows, cols)
-    extra = [table * ((k == 0) + (k == n - 1)) for k in range(n)]
+    extra = [table * ((k == 0) + (k == n - 1))
+             + scratch_bytes(cfg, rows, cols, batch, k == n - 1) for k in range(n)]
     if max(extra) > limit:
         return None
     return distribute(cfg.num_hidden_layers, [int((limit - e) // per) for e in extra])

@@ -190,12 +190,10 @@ class MeshProgram:
 
     def colours_per_core(self) -> np.ndarray:
         """Distinct routing colours each router carries (source, transit or destination)."""
-        entry_colour = self.msg_colour[self.entry_msg].astype(np.int64)
-        routers = np.concatenate([self.msg_src.astype(np.int64),
-                                  link_dst(self.route_link, self.width)])
-        colours = np.concatenate([self.msg_colour.astype(np.int64), entry_colour])
-        pairs = np.unique(routers * 65536 + colours)
-        return np.bincount(pairs // 65536, minlength=self.cores)
+        if not self.n_messages:
+            return np.zeros(self.cores, dtype=np.int64)
+        return _colours_per_core(self.msg_src, self.msg_colour, self.route_ptr, self.route_link,
+                                 self.width, self.cores, int(self.msg_colour.max()) + 1)
 
     def check(self, target: MeshTarget, what: str = "program") -> None:
         """Refuse a program that breaks the target's per-core SRAM or colour limits."""
@@ -223,6 +221,23 @@ def link_dst(links: np.ndarray, width: int) -> np.ndarray:
     core, direction = links // 4, links % 4
     step = np.array([1, -1, -width, width], dtype=np.int64)
     return core + step[direction]
+
+
+@numba.njit(cache=True, nogil=True)
+def _colours_per_core(msg_src, msg_colour, route_ptr, route_link, width, cores, n_colours):
+    used = np.zeros((cores, n_colours), np.bool_)
+    step = np.array([1, -1, -width, width], np.int64)
+    for m in range(msg_src.shape[0]):
+        col = msg_colour[m]
+        used[msg_src[m], col] = True
+        for e in range(route_ptr[m], route_ptr[m + 1]):
+            link = np.int64(route_link[e])
+            used[link // 4 + step[link % 4], col] = True
+    out = np.zeros(cores, np.int64)
+    for c in range(cores):
+        for col in range(n_colours):
+            out[c] += used[c, col]
+    return out
 
 
 def xy_routes(src: np.ndarray, dst: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -277,6 +292,7 @@ class ProgramBuilder:
         self._marks: list[tuple] = []
         self._n_bufs = 0
         self._n_msgs = 0
+        self._n_ins = 0
         self.tensors: list[tuple[str, int, int]] = []
         self.meta: dict = {}
 
@@ -324,16 +340,19 @@ class ProgramBuilder:
 
     def _add(self, core, step, kind, op=OP_NONE, a=-1, b=-1, c=-1, flops=-1, nbytes=-1, arg=-1,
              hop=-1, imm=(0.0, 0.0)):
-        core = np.atleast_1d(np.asarray(core, dtype=np.int64))
+        """Record a batch; scalars stay scalars until build() writes them out."""
+        core = np.atleast_1d(np.asarray(core)).astype(np.int32, copy=False)
         n = len(core)
 
-        def col(v, t):
-            return np.broadcast_to(np.asarray(v), n).astype(t)
+        def col(v):
+            v = np.asarray(v)
+            if v.ndim and v.size != n:
+                v = np.broadcast_to(v, n)
+            return v
 
-        self._ins.append((core, col(step, np.int64), col(kind, np.int8), col(op, np.int8),
-                          col(a, np.int32), col(b, np.int32), col(c, np.int32),
-                          col(flops, np.int64), col(nbytes, np.int64), col(arg, np.int64),
-                          col(hop, np.int64), col(imm[0], np.float64), col(imm[1], np.float64)))
+        self._ins.append((core, *(col(v) for v in (step, kind, op, a, b, c, flops, nbytes, arg,
+                                                   hop, imm[0], imm[1]))))
+        self._n_ins += n
 
     def compute(self, core, step, op, c, a=-1, b=-1, flops=-1, nbytes=-1, imm=(0.0, 0.0)):
         """COMPUTE on buffers. flops/bytes default to those of the op on the buffers' shapes."""
@@ -355,48 +374,67 @@ class ProgramBuilder:
 
     def build(self, loop=None, **meta) -> MeshProgram:
         """Order everything into a MeshProgram. `loop` = (first step, end step, count per core,
-        base per core): each core's instructions with steps in [first, end) form its loop."""
-        cores = self.width * self.height
+        base per core): each core's instructions with steps in [first, end) form its loop.
 
-        def cat(parts, i, dtype):
-            if not parts:
-                return np.zeros(0, dtype=dtype)
-            return np.concatenate([p[i] for p in parts]).astype(dtype, copy=False)
+        Linear in the program's size (counting sorts and one pass per column), so a full
+        wafer's tens of millions of instructions build in seconds.
+        """
+        cores = self.width * self.height
+        n = self._n_ins
+        batches = self._ins
+
+        def column(i, dtype):
+            out = np.empty(n, dtype=dtype)
+            at = 0
+            for batch in batches:
+                size = len(batch[0])
+                out[at:at + size] = batch[i]
+                at += size
+            return out
 
         buf = [a[:self._n_bufs].copy() for a in self._buf]
         for ids, role, tensor, r0, c0 in self._marks:
             buf[3][ids], buf[4][ids], buf[5][ids], buf[6][ids] = role, tensor, r0, c0
-        msg = [cat(self._msgs, i, t) for i, t in enumerate(
-            (np.int32, np.int32, np.int64, np.int16, bool))]
-        ins = [cat(self._ins, i, t) for i, t in enumerate(
-            (np.int64, np.int64, np.int8, np.int8, np.int32, np.int32, np.int32, np.int64,
-             np.int64, np.int64, np.int64, np.float64, np.float64))]
-        core, step, kind, op, a, b, c, flops, nbytes, arg, hop, imm0, imm1 = ins
-        if len(core) and (core.min() < 0 or core.max() >= cores):
+        msg = [np.concatenate([p[i] for p in self._msgs]).astype(t, copy=False) if self._msgs
+               else np.zeros(0, t) for i, t in enumerate((np.int32, np.int32, np.int64,
+                                                          np.int16, bool))]
+        core = column(0, np.int32)
+        if n and (core.min() < 0 or core.max() >= cores):
             raise ProgramError(f"instruction on a core outside the {self.width}x{self.height} mesh")
-        order = np.lexsort((step, core))  # per core by step; ties keep insertion order
-        kind, arg, hop = kind[order], arg[order], hop[order]
+        step = column(1, np.int64)
+        order, core_ptr = _order_by_core(core, step, cores)
+        loops = {}
+        if loop is not None:
+            first, end, count, base = loop
+            loops = dict(
+                loop_start=core_ptr[:-1] + np.bincount(core[step < first], minlength=cores),
+                loop_end=core_ptr[:-1] + np.bincount(core[step < end], minlength=cores),
+                loop_count=np.broadcast_to(count, cores).astype(np.int64).copy(),
+                loop_base=np.broadcast_to(base, cores).astype(np.int64).copy())
+            if np.any(loops["loop_count"] < 1):
+                raise ProgramError("a loop count must be >= 1")
+        del step
+        core = core[order]
+        kind, op = column(2, np.int8)[order], column(3, np.int8)[order]
+        a, b, c = (column(i, np.int32)[order] for i in (4, 5, 6))
+        arg = column(9, np.int64)[order]
         n_msgs = len(msg[0])
         if np.any((kind != COMPUTE) & ((arg < 0) | (arg >= n_msgs))):
             raise ProgramError("SEND or RECV of an undeclared message")
         # Number messages in the order they are sent (core by core): the simulator then walks
         # its per-hop arrays nearly in order, which is what makes it fast on a full wafer.
-        sends = arg[kind == SEND]
-        first = np.full(n_msgs, len(sends), dtype=np.int64)
-        first[sends[::-1]] = np.arange(len(sends))[::-1]  # the last write wins: first send
-        perm = np.argsort(first, kind="stable")
+        perm = _first_sent(arg[kind == SEND], n_msgs)
         new_id = np.empty(n_msgs, dtype=np.int64)
         new_id[perm] = np.arange(n_msgs)
         msg = [v[perm] for v in msg]
-        if n_msgs:
-            arg = np.where(kind == COMPUTE, arg, new_id[np.clip(arg, 0, n_msgs - 1)])
+        is_msg = kind != COMPUTE
+        arg[is_msg] = new_id[arg[is_msg]]
         route_ptr, route_link = xy_routes(msg[0], msg[1], self.width)
 
         # RECV: (message, hop) -> route entry, checked to end at the receiving core.
-        core = core[order]
         is_recv = kind == RECV
         m = arg[is_recv]
-        h = hop[is_recv]
+        h = column(10, np.int64)[order][is_recv]
         n_hops = route_ptr[m + 1] - route_ptr[m]
         if np.any(h >= n_hops):
             raise ProgramError("RECV at a hop beyond the message's route")
@@ -410,42 +448,20 @@ class ProgramBuilder:
         if np.any(~msg[4][m] & (h >= 0) & (h != n_hops - 1)):
             raise ProgramError("RECV at an intermediate hop of a message that is not multicast")
         arg[is_recv] = entry
-        op, a, b, c = op[order], a[order], b[order], c[order]
-        flops, nbytes, step = flops[order], nbytes[order], step[order]
-        imm = np.stack([imm0[order], imm1[order]], axis=1)
+        del core, m, h, entry, at, bad, is_recv, is_msg
+        if len(route_link) and route_link.size >= 2**31:
+            raise ProgramError(f"program too large: {route_link.size:,} message hops")
+        arg = arg.astype(np.int32)
+        imm = np.stack([column(11, np.float32)[order], column(12, np.float32)[order]], axis=1)
 
         # Default FLOPs and SRAM bytes of compute ops, from the buffers' shapes.
-        rows, cols = buf[1].astype(np.int64), buf[2].astype(np.int64)
-        is_comp = kind == COMPUTE
-        ia, ib, ic = (np.where(v >= 0, v, 0) for v in (a, b, c))
-        size_a, size_b, size_c = (np.where(v >= 0, rows[i] * cols[i], 0)
-                                  for v, i in ((a, ia), (b, ib), (c, ic)))
+        flops, nbytes = column(7, np.int64)[order], column(8, np.int64)[order]
+        del order
         coef = np.zeros((len(OP_NAMES), 5), dtype=np.int64)
         for code, row in _COSTS.items():
             coef[code] = row
-        k = coef[op]
-        f_def = k[:, 0] * size_a + k[:, 1] * size_c
-        f_def = np.where(op == OP_MATMUL_ACC, 2 * size_a * cols[ib], f_def)
-        f_def = np.where(op == OP_MATMUL_T, 2 * size_a * rows[ib], f_def)
-        elems = k[:, 2] * size_a + k[:, 3] * size_b + k[:, 4] * size_c
-        elems = np.where(op == OP_PUT, 2 * size_a, elems)
-        b_def = np.ceil(np.where(is_comp, elems, 0) * DTYPE_BYTES[self.dtype]).astype(np.int64)
-        flops = np.where(flops < 0, np.where(is_comp, f_def, 0), flops)
-        nbytes = np.where(nbytes < 0, b_def, nbytes)
-
-        core_ptr = np.zeros(cores + 1, dtype=np.int64)
-        np.cumsum(np.bincount(core, minlength=cores), out=core_ptr[1:])
-        loops = {}
-        if loop is not None:
-            first, end, count, base = loop
-            key = core * (1 << 40) + step  # sorted
-            ids = np.arange(cores, dtype=np.int64) * (1 << 40)
-            loops = dict(loop_start=np.searchsorted(key, ids + first),
-                         loop_end=np.searchsorted(key, ids + end),
-                         loop_count=np.broadcast_to(count, cores).astype(np.int64).copy(),
-                         loop_base=np.broadcast_to(base, cores).astype(np.int64).copy())
-            if np.any(loops["loop_count"] < 1):
-                raise ProgramError("a loop count must be >= 1")
+        _default_costs(kind, op, a, b, c, buf[1], buf[2], coef, float(DTYPE_BYTES[self.dtype]),
+                       flops, nbytes)
         return MeshProgram(
             width=self.width, height=self.height, dtype=self.dtype, core_ptr=core_ptr,
             ins_kind=kind, ins_op=op, ins_a=a, ins_b=b, ins_c=c, ins_flops=flops,
@@ -456,3 +472,84 @@ class ProgramBuilder:
             buf_tensor=buf[4], buf_r0=buf[5], buf_c0=buf[6], tensors=tuple(self.tensors),
             meta={**self.meta, **meta}, **loops,
         )
+
+
+@numba.njit(cache=True, nogil=True)
+def _order_by_core(core, step, n_cores):
+    """Instruction order grouping each core's instructions, sorted by step, ties in insertion
+    order (two stable counting sorts: by step, then by core). Returns (order, core_ptr)."""
+    n = core.shape[0]
+    lo, hi = 0, 0
+    if n:
+        lo, hi = step.min(), step.max()
+    span = hi - lo + 1
+    if span > 4 * n + 1024:  # sparse steps: rank them first
+        values = np.unique(step)
+        rank = np.searchsorted(values, step)
+        lo, span = 0, len(values)
+    else:
+        rank = step
+    count = np.zeros(span + 1, np.int64)
+    for i in range(n):
+        count[rank[i] - lo + 1] += 1
+    for k in range(span):
+        count[k + 1] += count[k]
+    by_step = np.empty(n, np.int64)
+    for i in range(n):
+        k = rank[i] - lo
+        by_step[count[k]] = i
+        count[k] += 1
+    ptr = np.zeros(n_cores + 1, np.int64)
+    for i in range(n):
+        ptr[core[i] + 1] += 1
+    for k in range(n_cores):
+        ptr[k + 1] += ptr[k]
+    fill = ptr[:-1].copy()
+    order = np.empty(n, np.int64)
+    for j in range(n):
+        i = by_step[j]
+        order[fill[core[i]]] = i
+        fill[core[i]] += 1
+    return order, ptr
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_sent(sends, n_msgs):
+    """Message ids in the order of their first SEND, then the ones never sent."""
+    seen = np.zeros(n_msgs, np.bool_)
+    perm = np.empty(n_msgs, np.int64)
+    k = 0
+    for m in sends:
+        if not seen[m]:
+            seen[m] = True
+            perm[k] = m
+            k += 1
+    for m in range(n_msgs):
+        if not seen[m]:
+            perm[k] = m
+            k += 1
+    return perm
+
+
+@numba.njit(cache=True, nogil=True)
+def _default_costs(kind, op, a, b, c, rows, cols, coef, dtype_bytes, flops, nbytes):
+    """Fill FLOPs and SRAM bytes left at -1 with the op's defaults (`_COSTS`) in place."""
+    for i in range(kind.shape[0]):
+        if kind[i] != COMPUTE:
+            flops[i] = max(flops[i], 0)
+            nbytes[i] = max(nbytes[i], 0)
+            continue
+        o = op[i]
+        sa = np.int64(rows[a[i]]) * cols[a[i]] if a[i] >= 0 else np.int64(0)
+        sb = np.int64(rows[b[i]]) * cols[b[i]] if b[i] >= 0 else np.int64(0)
+        sc = np.int64(rows[c[i]]) * cols[c[i]] if c[i] >= 0 else np.int64(0)
+        if flops[i] < 0:
+            if o == OP_MATMUL_ACC:
+                flops[i] = 2 * sa * cols[b[i]]
+            elif o == OP_MATMUL_T:
+                flops[i] = 2 * sa * rows[b[i]]
+            else:
+                flops[i] = coef[o, 0] * sa + coef[o, 1] * sc
+        if nbytes[i] < 0:
+            elems = 2 * sa if o == OP_PUT else coef[o, 2] * sa + coef[o, 3] * sb + coef[o, 4] * sc
+            nbytes[i] = np.int64(np.ceil(elems * dtype_bytes))

@@ -5,7 +5,7 @@ import pytest
 
 from compiler.algorithms.meshgemm import GEMM_ALGOS, interleaved_ring, lower_gemm
 from compiler.algorithms.meshgemv import GEMV_ALGOS, lower_gemv
-from compiler.program import ProgramError
+from compiler.program import ProgramError, link_dst
 from compiler.targets import WSE2
 from wafersim.functional import execute
 
@@ -78,6 +78,17 @@ def test_too_many_colours_is_refused():
     few = dataclasses.replace(target, colours=2)
     with pytest.raises(ProgramError, match="colours"):
         lower_gemv(1, 256, 64, 64, 4, levels=3, target=few)
+
+
+def test_colours_per_core_counts_each_routers_distinct_colours():
+    prog = lower_gemv(1, 256, 64, 8, 8, levels=3)
+    seen = [set() for _ in range(prog.cores)]
+    for m in range(prog.n_messages):
+        col = int(prog.msg_colour[m])
+        seen[prog.msg_src[m]].add(col)
+        for link in prog.route_link[prog.route_ptr[m]:prog.route_ptr[m + 1]]:
+            seen[int(link_dst(np.array([link]), prog.width)[0])].add(col)
+    assert prog.colours_per_core().tolist() == [len(s) for s in seen]
 
 
 def test_program_bigger_than_the_target_is_refused():

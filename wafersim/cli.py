@@ -246,6 +246,67 @@ def simulate_cmd(
 
 @app.command()
 @user_errors
+def compare(
+    model: str = typer.Argument(..., help="Zoo model name or a config.json path."),
+    wafer: str = typer.Option("wse2", "--wafer", help="Preset name or target TOML/JSON file."),
+    gpus: str = typer.Option("8xA100", "--gpus",
+                             help="GPU cluster, e.g. 8xA100, 4xA100+4xH20, "
+                                  "2x(8xH100)@dc1+1x(8x910B)@dc2;dc1-dc2=1000km."),
+    phase: str = typer.Option("decode", "--phase",
+                              help="decode or prefill (the wafer lowers decode only so far)."),
+    batch: int = typer.Option(1, "--batch"),
+    ctx: int = typer.Option(4096, "--ctx",
+                            help="Tokens in the KV cache (decode) or the prompt (prefill)."),
+    layers: str = typer.Option("all", "--layers",
+                               help="Wafer: all layers simulated, or one per region "
+                                    "extrapolated."),
+    policy: str = typer.Option("waferllm", "--policy", help="Wafer placement: waferllm or "
+                                                            "pipeline."),
+    region: str = typer.Option("", "--region", help="Force every wafer region to ROWSxCOLS."),
+    csv_path: str = typer.Option("", "--csv", help="Also write the table rows to this CSV."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """One step on the wafer and on a GPU cluster side by side: throughput, latency, traffic."""
+    from compiler.model import CompileOptions
+    from models import load_model
+    from wafersim import compare as cmp
+
+    tgt = load_target(wafer)
+    cfg = load_model(model)
+    options = CompileOptions(policy=policy,
+                             region=parse_mesh(region, "--region") if region else None)
+    status = Console(stderr=True).status
+    result = cmp.compare(cfg, tgt, gpus, phase=phase, batch=batch, ctx=ctx, layers=layers,
+                         options=options, status=status)
+    if csv_path:
+        cmp.write_csv(result, csv_path)
+    if as_json:
+        emit(result)
+        return
+    w, g = result["wafer"], result["gpus"]
+    what = f"ctx {ctx}" if phase == "decode" else f"prompt {ctx}"
+    table = Table("", "wafer", "GPUs", "wafer / GPU",
+                  title=f"{cfg.name} {phase}, batch {batch}, {what}")
+    for row in cmp.table_rows(result):
+        table.add_row(*row)
+    notes = [f"{side}: {result[key]['reason']}" for side, key in (("wafer", "wafer"),
+                                                                  ("GPUs", "gpus"))
+             if result[key].get("reason")]
+    if w["fits"]:
+        notes.append(f"wafer: layers {w['layers_simulated']}"
+                     + (" (extrapolated)" if w["extrapolated"] else "")
+                     + f", {w['events']:,} events in {w['sim_wall_s']:.3g} s")
+    if "energy_j" not in w and g.get("energy_j") is not None:
+        notes.append("energy: GPU board power x makespan; the wafer target has no power figure")
+    console.print(table)
+    for note in notes:
+        console.print(note, highlight=False, soft_wrap=True)
+    if csv_path:
+        console.print(f"csv: {csv_path}")
+
+
+@app.command()
+@user_errors
 def noc(
     target: str = typer.Option("wse2", "--target", help="Preset name or target TOML/JSON file."),
     mesh: str = typer.Option("16x16", "--mesh", help="Cores to load, ROWSxCOLS."),
