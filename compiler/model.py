@@ -30,7 +30,7 @@ import numpy as np
 from compiler.algorithms.allreduce import ktree_reduce, line_broadcast
 from compiler.algorithms.attention import attention_block, head_layout, pack_cache
 from compiler.algorithms.common import Region, split
-from compiler.algorithms.meshgemv import gemv
+from compiler.algorithms.meshgemv import GEMV_ALGOS, gemv
 from compiler.algorithms.mlp import ACTIVATIONS, mlp_block
 from compiler.algorithms.norm import rmsnorm
 from compiler.program import (
@@ -134,6 +134,8 @@ def _check_supported(cfg: ModelConfig, phase: str, options: CompileOptions) -> N
     if cfg.hidden_act not in ACTIVATIONS:
         raise ProgramError(f"{cfg.name}: hidden_act {cfg.hidden_act!r} is not one of "
                            f"{', '.join(ACTIVATIONS)}")
+    if options.algo not in GEMV_ALGOS:
+        raise ProgramError(f"algo {options.algo!r} is not one of {', '.join(GEMV_ALGOS)}")
     if options.policy not in POLICIES:
         raise ProgramError(f"policy {options.policy!r} is not one of {', '.join(POLICIES)}")
 

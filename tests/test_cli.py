@@ -4,6 +4,7 @@ import json
 
 from typer.testing import CliRunner
 
+from models import load_model
 from wafersim.cli import app
 
 runner = CliRunner()
@@ -52,7 +53,9 @@ def test_bad_input_is_one_line_and_exit_2():
 
 def test_compile_then_simulate_a_layout(tmp_path):
     path = str(tmp_path / "tiny.wsl")
-    out = runner.invoke(app, ["compile", "tiny-llama", "--target", "test16x16", "--ctx", "64",
+    config = tmp_path / "tiny-6.json"  # six layers, so one region's loop runs more than twice
+    config.write_text(json.dumps({**load_model("tiny-llama").to_dict(), "num_hidden_layers": 6}))
+    out = runner.invoke(app, ["compile", str(config), "--target", "test16x16", "--ctx", "64",
                               "-o", path, "--json"])
     assert out.exit_code == 0, out.output
     compiled = json.loads(out.stdout)

@@ -61,7 +61,7 @@ def test_mixed_cluster(spec, n_gpus):
     g = r["gpus"]
     assert g["fits"] and g["gpus"] == n_gpus and g["tokens_per_s"] > 0
     assert g["offchip_bytes"] > 0  # the pipeline hop between the two nodes
-    assert r["wafer"]["fits"] and r["wafer"]["extrapolated"]
+    assert r["wafer"]["fits"] and not r["wafer"]["extrapolated"]  # two layers: all simulated
     assert r["speedup"] == pytest.approx(r["wafer"]["tokens_per_s"] / g["tokens_per_s"])
 
 

@@ -22,6 +22,7 @@ MESH = load_target("wse2").with_mesh(8, 8)
     CompileOptions(),  # one 8x8 region holding both layers (a loop of two)
     CompileOptions(policy="pipeline"),  # a region per layer, h handed across
     CompileOptions(region=(3, 5)),  # uneven tiles, regions stacked vertically
+    CompileOptions(algo="ring"),  # the pipeline (ring) reductions instead of K-trees
 ])
 def test_decode_steps_match_the_reference(options):
     weights = random_weights(CFG, seed=1)
@@ -71,3 +72,11 @@ def test_default_policy_is_at_least_as_fast_as_pipeline():
     times = {p: simulate(compile_model(graph, mesh, CompileOptions(policy=p)).program,
                          mesh).makespan_cycles for p in ("waferllm", "pipeline")}
     assert times["waferllm"] <= times["pipeline"]
+
+
+def test_meshgemv_k_trees_beat_ring_reductions_in_the_whole_model():
+    graph = build_graph(CFG, "decode", ctx_len=64)
+    mesh = load_target("test32x32")
+    times = {a: simulate(compile_model(graph, mesh, CompileOptions(algo=a)).program,
+                         mesh).makespan_cycles for a in ("meshgemv", "ring")}
+    assert times["meshgemv"] < times["ring"]

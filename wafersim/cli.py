@@ -171,6 +171,8 @@ def compile_cmd(
     capacity: int = typer.Option(0, "--capacity", help="KV tokens the cache holds (0: ctx+1)."),
     policy: str = typer.Option("waferllm", "--policy", help="waferllm or pipeline."),
     region: str = typer.Option("", "--region", help="Force every region to ROWSxCOLS cores."),
+    algo: str = typer.Option("meshgemv", "--algo",
+                             help="GEMV reductions: meshgemv (K-tree) or ring (pipeline)."),
     output: str = typer.Option("", "-o", "--output", help="Write the layout file here."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -185,7 +187,7 @@ def compile_cmd(
     cfg = load_model(model)
     t0 = time.perf_counter()
     graph = build_graph(cfg, phase, batch=batch, ctx_len=ctx)
-    options = CompileOptions(policy=policy, capacity=capacity or None,
+    options = CompileOptions(policy=policy, capacity=capacity or None, algo=algo,
                              region=parse_mesh(region, "--region") if region else None)
     compiled = compile_model(graph, tgt, options)
     wall = time.perf_counter() - t0
@@ -193,7 +195,7 @@ def compile_cmd(
         save_layout(compiled.program, output, **compiled.info())
     prog, mem = compiled.program, compiled.memory
     summary = {"system": tgt.name, "model": cfg.name, "phase": phase, "batch": batch,
-               "ctx": ctx, "fits": True, "policy": policy,
+               "ctx": ctx, "fits": True, "policy": policy, "algo": algo,
                "regions": len(compiled.placements),
                "region": f"{compiled.placements[0].region.rows}x"
                          f"{compiled.placements[0].region.cols}",

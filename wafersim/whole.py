@@ -4,7 +4,8 @@
 layer's events are simulated, with the overlap between consecutive layers. `layers="one"` runs
 each region's loop once and once more, and extrapolates linearly: the layers of a region are
 the same instructions on different weights (the compiler's loop is the proof), so each further
-layer adds the measured difference. The result says which was done.
+layer adds the measured difference. With at most two layers per region `one` runs the whole
+step (the twice-run loop is all of it). The result says which was done (`extrapolated`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def simulate_layout(program: MeshProgram, target: MeshTarget, info: dict,
     if layers not in LAYER_MODES:
         raise ValueError(f"--layers {layers!r} is not one of {', '.join(LAYER_MODES)}")
     t0 = time.perf_counter()
-    if layers == "all" or not program.looped:
+    if layers == "all" or not program.looped or program.loop_count.max() <= 2:
+        # (with at most two layers per region, "one" would simulate the whole step anyway)
         res = simulate(program, target)
         makespan, events, extrapolated = res.makespan_cycles, res.events, False
     else:
@@ -62,7 +64,8 @@ def simulate_layout(program: MeshProgram, target: MeshTarget, info: dict,
         makespan_s=seconds, makespan_cycles=int(makespan), tokens_per_s=batch / seconds,
         tpot_ms=seconds * 1e3 if phase == "decode" else None,
         ttft_ms=seconds * 1e3 if phase == "prefill" else None,
-        events=int(events), sim_wall_s=wall, layers_simulated=layers,
+        events=int(events), sim_wall_s=wall,
+        layers_simulated="one" if extrapolated else "all",
         extrapolated=extrapolated,
         busy_fraction=fr["busy"], idle_fraction=fr["idle"],
         # The last core to finish: how its time splits (a proxy for the critical path).
