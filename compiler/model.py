@@ -1,5 +1,8 @@
 """compile_model: a whole decoder-only model's decode step, placed on a wafer.
 
+(A prefill graph, one prompt of batch 1, goes to compiler.prefill_model: the same placement
+with prefill's 2D activation tiles and GEMMs; see its docstring.)
+
 Passes (pure functions; the data flows top to bottom):
 - `partition`: the region shape every layer runs on and how many regions the layers are
   spread over, by policy (below), checked against SRAM with `memory_per_core`;
@@ -30,6 +33,7 @@ import numpy as np
 from compiler.algorithms.allreduce import ktree_reduce, line_broadcast
 from compiler.algorithms.attention import attention_block, head_layout, pack_cache
 from compiler.algorithms.common import Region, split
+from compiler.algorithms.meshgemm import GEMM_ALGOS
 from compiler.algorithms.meshgemv import GEMV_ALGOS, gemv
 from compiler.algorithms.mlp import ACTIVATIONS, mlp_block
 from compiler.algorithms.norm import rmsnorm
@@ -104,6 +108,10 @@ def compile_model(graph: nx.DiGraph, target: MeshTarget,
     cfg: ModelConfig = graph.graph["cfg"]
     phase, batch, ctx = graph.graph["phase"], graph.graph["batch"], graph.graph["ctx_len"]
     _check_supported(cfg, phase, options)
+    if phase == "prefill":
+        from compiler.prefill_model import compile_prefill
+
+        return compile_prefill(graph, target, options)
     capacity = ctx + 1 if options.capacity is None else options.capacity
     if capacity < ctx + 1:
         raise ProgramError(f"capacity {capacity} must hold the cached {ctx} tokens and the new "
@@ -124,8 +132,9 @@ def compile_model(graph: nx.DiGraph, target: MeshTarget,
 
 
 def _check_supported(cfg: ModelConfig, phase: str, options: CompileOptions) -> None:
-    if phase != "decode":
-        raise ProgramError(f"phase {phase!r}: the whole-model compiler lowers decode only so far")
+    if phase not in ("decode", "prefill"):
+        raise ProgramError(f"phase {phase!r}: the whole-model compiler lowers decode and "
+                           "prefill")
     if cfg.norm != "rmsnorm" or cfg.position != "rope":
         raise ProgramError(f"{cfg.name}: norm={cfg.norm!r}, position={cfg.position!r}; the "
                            "whole-model compiler covers the LLaMA family (rmsnorm, rope)")
@@ -134,8 +143,9 @@ def _check_supported(cfg: ModelConfig, phase: str, options: CompileOptions) -> N
     if cfg.hidden_act not in ACTIVATIONS:
         raise ProgramError(f"{cfg.name}: hidden_act {cfg.hidden_act!r} is not one of "
                            f"{', '.join(ACTIVATIONS)}")
-    if options.algo not in GEMV_ALGOS:
-        raise ProgramError(f"algo {options.algo!r} is not one of {', '.join(GEMV_ALGOS)}")
+    algos = GEMV_ALGOS + (GEMM_ALGOS if phase == "prefill" else ())
+    if options.algo not in algos:
+        raise ProgramError(f"algo {options.algo!r} is not one of {', '.join(algos)}")
     if options.policy not in POLICIES:
         raise ProgramError(f"policy {options.policy!r} is not one of {', '.join(POLICIES)}")
 
@@ -385,10 +395,16 @@ def _head(bld, reg: Region, cfg: ModelConfig, h, batch: int, levels: int, kw):
                        levels=levels, step=EPI + 10)
     logits, step = gemv(bld, reg, batch, cfg.hidden_size, cfg.vocab_size, k_axis="cols", x=xn,
                         names=(None, "lm_head", "logits"), allreduce=False, step=step, **kw)
+    _argmax(bld, grid, logits, cfg.vocab_size, batch, step, levels)
+
+
+def _argmax(bld, grid, logits, vocab: int, batch: int, step: int, levels: int) -> None:
+    """Greedy sampling of logits split over the rows of `grid` (a k_axis="cols" GEMV's output):
+    output "next" [batch, 2] (value, token id)."""
     # Each row's reduction root holds its logits chunk; argmax there, then along the roots.
     held = np.asarray(logits) >= 0
     roots_r, roots_c = np.nonzero(held)
-    n0, _ = split(cfg.vocab_size, min(grid.shape[0], cfg.vocab_size))
+    n0, _ = split(vocab, min(grid.shape[0], vocab))
     cores = grid[roots_r, roots_c]
     best = bld.buffers(cores, batch, 2)
     bld.compute(cores, step, OP_ARGMAX, c=best, a=logits[held], imm=(n0[roots_r], 0.0))
@@ -409,7 +425,14 @@ def pack_inputs(compiled: CompiledModel, weights: dict[str, np.ndarray], ids: np
                 k_cache: list | None = None, v_cache: list | None = None
                 ) -> dict[str, np.ndarray]:
     """The program's input tensors from model weights (models.reference names), the new
-    token ids [b] and the caches (per layer [b, ctx, KV * hd], k after RoPE)."""
+    token ids [b] and the caches (per layer [b, ctx, KV * hd], k after RoPE). For a prefill
+    program: the prompt ids [S] and no caches (compiler.prefill_model.pack_prefill_inputs)."""
+    if compiled.phase == "prefill":
+        from compiler.prefill_model import pack_prefill_inputs
+
+        if k_cache is not None or v_cache is not None:
+            raise ValueError("a prefill program takes no caches")
+        return pack_prefill_inputs(compiled, weights, ids)
     cfg = compiled.model
     g = cfg.num_attention_heads // cfg.num_key_value_heads
     out = {"ids": np.asarray(ids, np.float32).reshape(-1, 1), "embed": weights["embed"],

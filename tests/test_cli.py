@@ -74,6 +74,22 @@ def test_compile_then_simulate_a_layout(tmp_path):
     assert abs(one["makespan_cycles"] - full["makespan_cycles"]) <= 0.05 * full["makespan_cycles"]
 
 
+def test_compile_then_simulate_a_prefill(tmp_path):
+    path = str(tmp_path / "prefill.wsl")
+    out = runner.invoke(app, ["compile", "tiny-llama", "--target", "test16x16", "--phase",
+                              "prefill", "--ctx", "16", "-o", path, "--json"])
+    assert out.exit_code == 0, out.output
+    compiled = json.loads(out.stdout)
+    assert compiled["phase"] == "prefill" and compiled["ctx"] == 16 and compiled["fits"]
+    out = runner.invoke(app, ["simulate", path, "--json"])
+    assert out.exit_code == 0, out.output
+    run = json.loads(out.stdout)
+    assert run["phase"] == "prefill" and run["ttft_ms"] > 0 and run["tpot_ms"] is None
+    out = runner.invoke(app, ["compile", "tiny-llama", "--target", "test16x16", "--phase",
+                              "prefill", "--batch", "2", "--ctx", "16"])
+    assert out.exit_code == 2 and "batch 1" in out.stderr
+
+
 def test_compile_refuses_a_model_that_does_not_fit():
     out = runner.invoke(app, ["compile", "llama3-70b", "--target", "wse2"])
     assert out.exit_code == 2

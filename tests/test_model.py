@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from compiler.model import CompileOptions, compile_model, pack_inputs
+from compiler.prefill_model import unpack_caches
 from compiler.program import ProgramError
 from compiler.targets import load_target
 from models.config import load_model
@@ -62,8 +63,8 @@ def test_memory_is_reported_and_checked():
 def test_unsupported_models_are_refused():
     with pytest.raises(ProgramError, match="LLaMA family"):
         compile_model(build_graph(load_model("tiny-gpt2"), "decode", ctx_len=8), MESH)
-    with pytest.raises(ProgramError, match="decode only"):
-        compile_model(build_graph(CFG, "prefill", seq_len=8), MESH)
+    with pytest.raises(ProgramError, match="LLaMA family"):
+        compile_model(build_graph(load_model("tiny-gpt2"), "prefill", seq_len=8), MESH)
 
 
 def test_default_policy_is_at_least_as_fast_as_pipeline():
@@ -80,3 +81,47 @@ def test_meshgemv_k_trees_beat_ring_reductions_in_the_whole_model():
     times = {a: simulate(compile_model(graph, mesh, CompileOptions(algo=a)).program,
                          mesh).makespan_cycles for a in ("meshgemv", "ring")}
     assert times["meshgemv"] < times["ring"]
+
+
+@pytest.mark.parametrize("options", [
+    CompileOptions(),  # one 8x8 grid holding both layers (a loop of two) and both tables
+    CompileOptions(policy="pipeline"),  # 4x4 grids: embed, a layer, a layer, LM head
+    CompileOptions(region=(4, 6)),  # forced non-square regions: 4x4 grids, stacked
+    CompileOptions(algo="summa", policy="pipeline"),
+])
+def test_prefill_matches_the_reference_and_feeds_decode(options):
+    """Prefill of a 7-token prompt: the last token's logits, the argmax and every layer's K / V
+    cache equal models.reference; the caches then drive a wafer decode step."""
+    weights = random_weights(CFG, seed=4)
+    prompt = np.array([3, 17, 99, 5, 200, 42, 7])
+    logits, cache = forward(CFG, weights, prompt[None])
+    compiled = compile_model(build_graph(CFG, "prefill", batch=1, seq_len=len(prompt)), MESH,
+                             options)
+    assert compiled.phase == "prefill" and compiled.ctx == len(prompt)
+    out = execute(compiled.program, pack_inputs(compiled, weights, prompt))
+    np.testing.assert_allclose(out["logits"], logits[:, -1], rtol=1e-4, atol=1e-4)
+    assert out["next"][0, 1] == logits[0, -1].argmax()
+    k, v = unpack_caches(compiled, out)
+    for layer in range(CFG.num_hidden_layers):
+        np.testing.assert_allclose(k[layer], cache.k[layer], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(v[layer], cache.v[layer], rtol=1e-4, atol=1e-4)
+    assert simulate(compiled.program, MESH).makespan_cycles > 0
+    if options == CompileOptions():  # hand the caches to a decode step
+        ids = out["next"][:, 1].astype(np.int64)
+        dec = compile_model(build_graph(CFG, "decode", batch=1, ctx_len=len(prompt)), MESH)
+        got = execute(dec.program, pack_inputs(dec, weights, ids, k, v))
+        ref, _ = forward(CFG, weights, ids[:, None], cache)
+        np.testing.assert_allclose(got["logits"], ref[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_refusals():
+    with pytest.raises(ProgramError, match="batch 1"):
+        compile_model(build_graph(CFG, "prefill", batch=2, seq_len=8), MESH)
+    with pytest.raises(ProgramError, match="cached tokens"):
+        compile_model(build_graph(CFG, "prefill", seq_len=8, ctx_len=4), MESH)
+    with pytest.raises(ProgramError, match="RoPE pairs"):
+        compile_model(build_graph(CFG, "prefill", seq_len=8), load_target("test32x32"),
+                      CompileOptions(region=(32, 32)))
+    tiny_sram = MESH.__class__(**{**vars(MESH), "sram_bytes": 8192})
+    with pytest.raises(ProgramError, match="does not fit"):
+        compile_model(build_graph(CFG, "prefill", seq_len=8), tiny_sram)

@@ -165,9 +165,11 @@ def op(
 def compile_cmd(
     model: str = typer.Argument(..., help="Zoo model name or a config.json path."),
     target: str = typer.Option("wse2", "--target", help="Preset name or target TOML/JSON file."),
-    phase: str = typer.Option("decode", "--phase", help="decode (prefill is not lowered yet)."),
+    phase: str = typer.Option("decode", "--phase",
+                              help="decode, or prefill (one prompt of --ctx tokens, batch 1)."),
     batch: int = typer.Option(1, "--batch"),
-    ctx: int = typer.Option(4096, "--ctx", help="Tokens already in the KV cache."),
+    ctx: int = typer.Option(4096, "--ctx",
+                            help="Tokens already in the KV cache (prefill: the prompt length)."),
     capacity: int = typer.Option(0, "--capacity", help="KV tokens the cache holds (0: ctx+1)."),
     policy: str = typer.Option("waferllm", "--policy", help="waferllm or pipeline."),
     region: str = typer.Option("", "--region", help="Force every region to ROWSxCOLS cores."),
@@ -186,7 +188,8 @@ def compile_cmd(
     tgt = load_target(target)
     cfg = load_model(model)
     t0 = time.perf_counter()
-    graph = build_graph(cfg, phase, batch=batch, ctx_len=ctx)
+    graph = (build_graph(cfg, phase, batch=batch, seq_len=ctx) if phase == "prefill"
+             else build_graph(cfg, phase, batch=batch, ctx_len=ctx))
     options = CompileOptions(policy=policy, capacity=capacity or None, algo=algo,
                              region=parse_mesh(region, "--region") if region else None)
     compiled = compile_model(graph, tgt, options)

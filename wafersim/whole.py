@@ -46,8 +46,9 @@ def simulate_layout(program: MeshProgram, target: MeshTarget, info: dict,
     wall = time.perf_counter() - t0
     batch, phase = info["batch"], info["phase"]
     seconds = makespan / target.clock_hz
+    tokens = batch * info["ctx"] if phase == "prefill" else batch  # prefill: ctx is the prompt
     summary = res.summary(model=info["model_name"], phase=phase, batch=batch, ctx=info["ctx"],
-                          tokens=batch)
+                          tokens=tokens)
     fr = res.fractions()
     last = int(np.argmax(res.core_busy + res.core_overhead + res.core_wait))
     span = max(res.makespan_cycles, 1)
@@ -61,7 +62,7 @@ def simulate_layout(program: MeshProgram, target: MeshTarget, info: dict,
         flops=flops, messages=int(reps_m.sum()), hops=int((hops * reps_m).sum()),
         onchip_bytes=int((program.msg_bytes * hops * reps_m).sum()),
         achieved_flops_per_s=flops / seconds,
-        makespan_s=seconds, makespan_cycles=int(makespan), tokens_per_s=batch / seconds,
+        makespan_s=seconds, makespan_cycles=int(makespan), tokens_per_s=tokens / seconds,
         tpot_ms=seconds * 1e3 if phase == "decode" else None,
         ttft_ms=seconds * 1e3 if phase == "prefill" else None,
         events=int(events), sim_wall_s=wall,

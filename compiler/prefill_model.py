@@ -1,0 +1,360 @@
+"""compile_model for phase "prefill": one prompt (batch 1) of S tokens, placed on the wafer.
+
+The passes mirror the decode compiler (compiler.model), with prefill's 2D activation tiles:
+- `partition_prefill`: square grids of s x s cores (prefill_plan's layout), the policy's choice
+  among the sides that fit by estimate (the weights as in decode; the GEMMs' receive buffers,
+  the [S/s x d/s]-sized activation tiles and the caches as scratch); `place` as in decode;
+- `lower_prefill`: per region [embed | receive h] -> prefill_layer looped once per layer
+  (tensors "layers.{l}.*") -> [send h on | final norm, LM head, argmax of the last token].
+  * embed: the token ids [S, 1] enter at the grid's corner and are multicast along its first
+    row, then down every column; core (r, c) holds embed rows v0[r]:+vs[r] (vocabulary split
+    over physical rows), columns of its logical grid column, looks every id up (OP_LOOKUP: a
+    [s*mb, db] partial, zero where the id is not its row), the partials are K-tree reduced
+    down each column, and the root takes each row block (OP_TAKE) and sends it to the core
+    that holds it in the activation layout;
+  * hand-off: every grid core sends its [mb, db] tile to the same logical core of the next
+    region;
+  * head: the last prompt token's row (row block (S-1) // mb) is taken from its tiles,
+    RMS-normalised along its grid row, multicast down the columns (decode's GEMV layout on the
+    grid), LM head GEMV over the grid, argmax along the roots: outputs "logits" [1, vocab]
+    and "next" [1, 2] (value, token id) as in decode.
+- the exact SRAM and colour check of the lowered program decides; it refuses with the bytes
+  per core it needs.
+
+Outputs besides logits / next: "layers.{l}.k_cache" and "layers.{l}.v_cache", [S, KV*hd] per
+layer (k after RoPE, each head's dims in RoPE pair order; v in model order). `unpack_caches`
+turns them into the [1, S, KV*hd] model-order arrays models.reference caches (and that
+compiler.model.pack_inputs takes for a decode step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from compiler.algorithms.allreduce import ktree_reduce, line_broadcast
+from compiler.algorithms.common import Region, split
+from compiler.algorithms.meshgemm import GEMM_ALGOS
+from compiler.algorithms.meshgemv import GEMV_ALGOS, gemv
+from compiler.algorithms.prefill import (
+    _allreduce,
+    causal_mask,
+    pack_weights,
+    prefill_layer,
+    prefill_plan,
+    rope_table,
+    unpack_k_cache,
+)
+from compiler.program import (
+    INPUT,
+    OP_LOOKUP,
+    OP_MUL,
+    OP_RSQRT,
+    OP_SQSUM,
+    OP_TAKE,
+    MeshProgram,
+    ProgramBuilder,
+    ProgramError,
+)
+from compiler.targets import DTYPE_BYTES, MeshTarget
+from models.config import ModelConfig
+
+# Colours beyond the layer's 0-8 (prefill.py): the embedding's scatter reuses the K/V colour 4
+# and the reductions / multicasts 5-8 (they run before the layers); the hand-off gets its own.
+_SCATTER, _RED, _BCAST, _HANDOFF = 4, 5, 7, 9
+
+
+def algos(options) -> tuple[str, str]:
+    """(GEMM algorithm of the layers, GEMV algorithm of the LM head) for options.algo: a GEMV
+    name keeps its GEMV for the head and uses MeshGEMM for the layers, a GEMM name the
+    reverse (MeshGEMV for the head)."""
+    if options.algo in GEMM_ALGOS:
+        return options.algo, "meshgemv"
+    return "meshgemm", options.algo
+
+
+def compile_prefill(graph, target: MeshTarget, options):
+    from compiler.model import CompiledModel, place
+
+    cfg: ModelConfig = graph.graph["cfg"]
+    batch, seq, past = graph.graph["batch"], graph.graph["seq_len"], graph.graph["ctx_len"]
+    if batch != 1:
+        raise ProgramError(f"prefill of batch {batch}: the whole-model compiler prefills one "
+                           "sequence at a time (batch 1)")
+    if past:
+        raise ProgramError(f"prefill after {past} cached tokens: the whole-model compiler "
+                           "prefills a prompt from position 0 (ctx_len 0)")
+    gemm_algo, gemv_algo = algos(options)
+    rows, cols, counts = partition_prefill(cfg, target, seq, options, gemm_algo)
+    placements = place(target, rows, cols, counts)
+    program = lower_prefill(cfg, target.width, target.height, placements, seq, options.levels,
+                            gemm_algo, gemv_algo)
+    program.check(target, f"{cfg.name} prefill of {seq} tokens")
+    sram = program.sram_per_core()
+    s = min(rows, cols)
+    memory = dict(sram_max_bytes=int(sram.max()), sram_limit_bytes=target.sram_bytes,
+                  sram_mean_bytes=float(sram[sram > 0].mean()), max_ctx=seq, grid=f"{s}x{s}")
+    return CompiledModel(program, cfg, target, options, "prefill", 1, seq, math.ceil(seq / s),
+                         tuple(placements), memory)
+
+
+# ---- partition ---------------------------------------------------------------------------
+
+def _max_side(cfg: ModelConfig) -> int:
+    return max(1, min(cfg.num_key_value_heads * cfg.head_dim // 2, cfg.hidden_size))
+
+
+def prefill_layer_bytes(cfg: ModelConfig, s: int, seq: int) -> int:
+    """Bytes one layer keeps on the busiest core of an s x s grid: weight tiles, norms and its
+    K / V caches (the rows of its query block)."""
+    from compiler.model import _matrices
+
+    mb = math.ceil(seq / s)
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    elems = sum(math.ceil(k / s) * math.ceil(n / s) for k, n, _ in _matrices(cfg))
+    elems += 2 * math.ceil(cfg.hidden_size / s) + 2 * mb * math.ceil(kv / s)
+    return math.ceil(elems * DTYPE_BYTES[cfg.dtype])
+
+
+def prefill_scratch_bytes(cfg: ModelConfig, s: int, seq: int, algo: str, embed: bool,
+                          head: bool) -> int:
+    """Estimated scratch on a core (shared by the layers of its region): the GEMMs' receive
+    buffers (one more weight tile each, two for SUMMA), activation tiles, attention's blocks,
+    plus the tables' tiles and the embedding's partial sums where the region holds them."""
+    from compiler.model import _matrices
+
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    mb, db, fb = math.ceil(seq / s), math.ceil(d / s), math.ceil(f / s)
+    qkv = math.ceil((cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd / s)
+    weights = sum(math.ceil(k / s) * math.ceil(n / s) for k, n, _ in _matrices(cfg))
+    elems = (2 if algo == "summa" else 1) * weights
+    elems += mb * (10 * db + 4 * fb + 3 * qkv + hd)
+    elems += 4 * mb * mb * max(1, math.ceil(cfg.num_attention_heads / s))
+    vs = math.ceil(cfg.vocab_size / s)
+    if embed:
+        elems += vs * db + 3 * s * mb * db + s * mb
+    if head:
+        elems += db * vs + 2 * vs + 4 * db
+    return math.ceil(elems * DTYPE_BYTES[cfg.dtype])
+
+
+def _prefill_counts(cfg, target, s, n, seq, algo):
+    from compiler.model import distribute
+
+    limit = 0.97 * target.sram_bytes
+    per = prefill_layer_bytes(cfg, s, seq)
+    extra = [prefill_scratch_bytes(cfg, s, seq, algo, k == 0, k == n - 1) for k in range(n)]
+    if max(extra) > limit:
+        return None
+    return distribute(cfg.num_hidden_layers, [int((limit - e) // per) for e in extra])
+
+
+def partition_prefill(cfg: ModelConfig, target: MeshTarget, seq: int, options,
+                      algo: str = "meshgemm") -> tuple[int, int, list[int]]:
+    """(rows, cols, layers per region): regions of s x s cores (or options.region, whose
+    top-left min(rows, cols) square the layers use), by policy as in decode."""
+    L, smax = cfg.num_hidden_layers, _max_side(cfg)
+    if options.region is not None:
+        rows, cols = options.region
+        n = (target.height // rows) * (target.width // cols)
+        if n < 1:
+            raise ProgramError(f"region {rows}x{cols} (rows x cols) does not fit "
+                               f"{target.name}'s {target.height}x{target.width} mesh")
+        s = min(rows, cols)
+        if s > smax:
+            raise ProgramError(f"prefill: region {rows}x{cols} gives a {s}x{s} grid; "
+                               f"{cfg.name} allows at most {smax}x{smax} (RoPE pairs of its "
+                               "KV heads)")
+        counts = _prefill_counts(cfg, target, s, min(n, L + 2), seq, algo)
+        if counts is None:
+            raise ProgramError(f"{cfg.name} prefill of {seq} tokens does not fit {min(n, L + 2)}"
+                               f" regions of {rows}x{cols} cores: {target.sram_bytes:,} B of "
+                               "SRAM per core")
+        return rows, cols, counts
+    best = None
+    for s in range(1, min(target.height, target.width, smax) + 1):
+        n = min((target.height // s) * (target.width // s), L + 2)
+        counts = _prefill_counts(cfg, target, s, n, seq, algo)
+        if counts:
+            key = (s,) if options.policy == "waferllm" else (-max(counts), s)
+            if best is None or key > best[0]:
+                best = (key, s, s, counts)
+    if best:
+        return best[1:]
+    s = min(target.height, target.width, smax)
+    need = L * prefill_layer_bytes(cfg, s, seq) / max(1, (target.height // s) * (
+        target.width // s))
+    raise ProgramError(
+        f"{cfg.name} prefill of {seq} tokens does not fit {target.name} with policy "
+        f"{options.policy}: it needs about {need / 1e3:.1f} KB per core for its layers on "
+        f"{s}x{s} grids, cores have {target.sram_bytes / 1e3:.0f} KB")
+
+
+# ---- lower -------------------------------------------------------------------------------
+
+def lower_prefill(cfg: ModelConfig, width: int, height: int, placements, seq: int, levels: int,
+                  gemm_algo: str = "meshgemm", gemv_algo: str = "meshgemv") -> MeshProgram:
+    """The per-core program of one prefill (see the module docstring)."""
+    from compiler.model import EPI, LAYER, LOOP, _carry
+
+    bld = ProgramBuilder(width, height, cfg.dtype)
+    shape = (seq, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+             cfg.head_dim, cfg.intermediate_size)
+    count = np.ones(width * height, np.int64)
+    base = np.zeros(width * height, np.int64)
+    prev = None
+    for p in placements:
+        plan = prefill_plan(p.region, width, *shape, gemm_algo)
+        h = _embed(bld, plan, cfg) if p.embed else _handoff(bld, prev, plan, EPI)
+        prev = (plan, h)
+        if p.count:
+            out, step = prefill_layer(bld, p.region, h, *shape, LAYER, eps=cfg.norm_eps,
+                                      gated=cfg.gated_mlp, act=cfg.hidden_act,
+                                      qkv_bias=cfg.qkv_bias, algo=gemm_algo, step=LOOP)
+            if step >= EPI:
+                raise ProgramError("prefill layer body too long for the step ranges")
+            _carry(bld, plan.core.ravel(), out, h, step)
+            count[plan.core.ravel()] = p.count
+            base[plan.core.ravel()] = p.first
+        if p.head:
+            _head(bld, plan, cfg, h, EPI + 10, levels, gemv_algo)
+    prog = bld.build(loop=(LOOP, EPI, count, base))
+    prog.meta.update(op="prefill", seq=seq, algo=gemm_algo)
+    return prog
+
+
+def _nbytes(bld, elems) -> np.ndarray:
+    return np.ceil(np.asarray(elems) * DTYPE_BYTES[bld.dtype]).astype(np.int64)
+
+
+def _embed(bld: ProgramBuilder, p, cfg: ModelConfig) -> np.ndarray:
+    """Token ids [S, 1] in at the grid's corner; returns the [s, s] activation tiles."""
+    s, mb, db, S = p.s, p.mb, p.db, p.s * p.mb
+    vocab = cfg.vocab_size
+    if vocab < s:
+        raise ProgramError(f"prefill: vocabulary {vocab} smaller than the {s}x{s} grid")
+    phys = np.argsort(p.pos)  # logical index at each physical position
+    grid = p.core[phys][:, phys]  # [physical row, physical column]
+    lj = np.broadcast_to(phys[None, :], (s, s))  # logical column of each physical core
+    ids = np.full((s, s), -1, np.int64)
+    ids[0, 0] = bld.buffers(grid[0, 0], S, 1, INPUT, bld.tensor("ids", p.seq, 1))[0]
+    nb = _nbytes(bld, [S])
+    step = 0
+    if s > 1:
+        ids[0, 1:] = bld.buffers(grid[0, 1:], S, 1)
+        step = line_broadcast(bld, grid[:1], 0, ids[:1, 0], ids[:1], step, _BCAST, nb)
+        ids[1:, :] = bld.buffers(grid[1:, :].ravel(), S, 1).reshape(s - 1, s)
+        step = line_broadcast(bld, grid.T, 0, ids[0, :], ids.T, step, _BCAST, np.repeat(nb, s))
+    v0, vs = split(vocab, s)
+    vr = np.broadcast_to(np.arange(s)[:, None], (s, s))
+    table = bld.buffers(grid.ravel(), vs[vr].ravel(), db, INPUT,
+                        bld.tensor("embed", vocab, cfg.hidden_size), v0[vr].ravel(),
+                        (lj * db).ravel()).reshape(s, s)
+    part = bld.buffers(grid.ravel(), S, db).reshape(s, s)
+    bld.compute(grid.ravel(), step, OP_LOOKUP, c=part.ravel(), a=ids.ravel(), b=table.ravel(),
+                imm=(v0[vr].ravel(), 0.0))
+    tmp = bld.like(part)
+    root = 0
+    if s > 1:
+        root, step = ktree_reduce(bld, grid.T, part.T, tmp.T, step + 1, 2, _RED,
+                                  np.full(s, _nbytes(bld, S * db)))
+    else:
+        step += 1
+    # Scatter: the root of physical column c takes row block i and sends it to logical (i, j).
+    h = bld.buffers(p.core.ravel(), mb, db).reshape(s, s)
+    ir = phys[root]  # logical row of the root
+    src = grid[root]  # [s] root core of every physical column
+    for i in range(s):
+        at = h[i, phys] if i == ir else bld.buffers(src, mb, db)
+        bld.compute(src, step, OP_TAKE, c=at, a=part[root], imm=(i * mb * db, 0.0))
+        if i != ir:
+            dst = p.core[i, phys]
+            msgs = bld.messages(src, dst, _nbytes(bld, mb * db), _SCATTER)
+            bld.send(src, step + 1, msgs, at)
+            bld.recv(dst, step + 2, msgs, h[i, phys])
+    return h
+
+
+def _handoff(bld: ProgramBuilder, prev, p, send_step: int) -> np.ndarray:
+    """h from the previous region: each grid core's tile to the same logical core here."""
+    pp, ph = prev
+    h = bld.buffers(p.core.ravel(), p.mb, p.db).reshape(p.s, p.s)
+    msgs = bld.messages(pp.core.ravel(), p.core.ravel(), _nbytes(bld, p.mb * p.db), _HANDOFF)
+    bld.send(pp.core.ravel(), send_step, msgs, np.asarray(ph).ravel())
+    bld.recv(p.core.ravel(), 0, msgs, h.ravel())
+    return h
+
+
+def _head(bld: ProgramBuilder, p, cfg: ModelConfig, h, step: int, levels: int, algo: str):
+    """Final norm, LM head and argmax of the last prompt token."""
+    from compiler.model import _argmax
+
+    s, db, d = p.s, p.db, cfg.hidden_size
+    ir, rr = divmod(p.seq - 1, p.mb)
+    phys = np.argsort(p.pos)
+    row = p.core[ir, phys]  # the token's grid row, in physical order
+    x = bld.buffers(row, 1, db)
+    bld.compute(row, step, OP_TAKE, c=x, a=h[ir, phys], imm=(rr * db, 0.0))
+    ss = bld.buffers(row, 1, 1)
+    bld.compute(row, step + 1, OP_SQSUM, c=ss, a=x)
+    step = _allreduce(bld, row[None, :], ss[None, :], bld.like(ss)[None, :], step + 2,
+                      _nbytes(bld, [1]))
+    gw = bld.buffers(row, 1, db, INPUT, bld.tensor("final_norm", 1, d), 0, phys * db)
+    xn = bld.like(x)
+    bld.compute(row, step, OP_RSQRT, c=ss, a=ss, imm=(1.0 / d, cfg.norm_eps))
+    bld.compute(row, step + 1, OP_MUL, c=xn, a=x, b=ss)
+    bld.compute(row, step + 2, OP_MUL, c=xn, a=xn, b=gw)
+    step += 3
+    # Multicast the normalised row down every column: decode's GEMV layout on the grid.
+    xb = np.full((s, s), -1, np.int64)  # [physical row, physical column]
+    xb[p.pos[ir], :] = xn
+    others = np.delete(np.arange(s), p.pos[ir])
+    if len(others):
+        xb[others, :] = bld.buffers(p.core[phys][:, phys][others].ravel(), 1, db).reshape(
+            len(others), s)
+        step = line_broadcast(bld, p.core[phys][:, phys].T, int(p.pos[ir]), xn, xb.T, step,
+                              _BCAST, np.full(s, _nbytes(bld, db)))
+    y0, x0 = divmod(int(p.core[phys[0], phys[0]]), bld.width)
+    sub = Region(s, s, x0, y0)
+    logits, step = gemv(bld, sub, 1, d, cfg.vocab_size, algo if algo in GEMV_ALGOS else
+                        "meshgemv", k_axis="cols", x=xb, names=(None, "lm_head", "logits"),
+                        allreduce=False, step=step, k_split=(phys * db, np.full(s, db)),
+                        levels=levels)
+    _argmax(bld, sub.cores(bld.width), logits, cfg.vocab_size, 1, step, levels)
+
+
+# ---- inputs and outputs ------------------------------------------------------------------
+
+def pack_prefill_inputs(compiled, weights: dict[str, np.ndarray], ids) -> dict[str, np.ndarray]:
+    """The prefill program's inputs from models.reference weights and the prompt ids [S]
+    (or [1, S])."""
+    cfg = compiled.model
+    ids = np.asarray(ids).reshape(-1)
+    if len(ids) != compiled.ctx:
+        raise ValueError(f"prompt of {len(ids)} tokens; the program prefills {compiled.ctx}")
+    p = compiled.placements[0].region
+    plan = prefill_plan(p, compiled.program.width, compiled.ctx, cfg.hidden_size,
+                        cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                        cfg.intermediate_size, algos(compiled.options)[0])
+    out = {"ids": ids.astype(np.float32).reshape(-1, 1), "embed": weights["embed"],
+           "final_norm": weights["final_norm"], "lm_head": weights["lm_head"],
+           "rope": rope_table(compiled.ctx, cfg.head_dim, cfg.rope_theta),
+           "causal_mask": causal_mask(plan)}
+    for layer in range(cfg.num_hidden_layers):
+        out |= pack_weights(weights, f"layers.{layer}", cfg.num_attention_heads,
+                            cfg.num_key_value_heads, cfg.head_dim)
+    return out
+
+
+def unpack_caches(compiled, outputs: dict[str, np.ndarray]) -> tuple[list, list]:
+    """Per layer K (after RoPE) and V caches [1, S, KV*hd] in model order, from the program's
+    outputs "layers.{l}.k_cache" / "v_cache" (as models.reference.forward caches them, and as
+    compiler.model.pack_inputs takes them for the decode step that follows)."""
+    cfg = compiled.model
+    ks, vs = [], []
+    for layer in range(cfg.num_hidden_layers):
+        k = outputs[f"layers.{layer}.k_cache"]
+        ks.append(unpack_k_cache(k, cfg.num_key_value_heads, cfg.head_dim)[None])
+        vs.append(np.asarray(outputs[f"layers.{layer}.v_cache"])[None])
+    return ks, vs
