@@ -258,7 +258,7 @@ def compare(
                              help="GPU cluster, e.g. 8xA100, 4xA100+4xH20, "
                                   "2x(8xH100)@dc1+1x(8x910B)@dc2;dc1-dc2=1000km."),
     phase: str = typer.Option("decode", "--phase",
-                              help="decode or prefill (the wafer lowers decode only so far)."),
+                              help="decode or prefill (batch 1 on the wafer)."),
     batch: int = typer.Option(1, "--batch"),
     ctx: int = typer.Option(4096, "--ctx",
                             help="Tokens in the KV cache (decode) or the prompt (prefill)."),

@@ -4,7 +4,7 @@ Both sides run the same op graph (models.build_graph): the wafer side compiles i
 compiler.model.compile_model and simulates the layout (wafersim.whole.simulate_layout), the
 GPU side runs wafersim.baseline.simulate_cluster. Each side is a dict of the DESIGN.md summary
 keys (plus its own extras and `reason`); a side that cannot run the step (the model does not fit,
-or the wafer compiler does not lower it, e.g. prefill) has fits=False, None for every figure
+or the wafer compiler does not lower it, e.g. a GPT-2) has fits=False, None for every figure
 and the one-line reason. `speedup` is wafer tokens/s over GPU tokens/s, when both sides fit.
 
 In decode `ctx` is the tokens already in the KV cache (the GPU summary's own `ctx` counts the
