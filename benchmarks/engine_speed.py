@@ -1,8 +1,14 @@
-"""Engine speed: events/s of the Numba kernel on GEMV and GEMM programs, and its speed-up over
-the plain-SimPy twin (wafersim.reference) on the same programs, with identical results.
+"""Engine speed: events/s of the Numba kernel on GEMV and GEMM programs and on whole decode
+layers, and its speed-up over the plain-SimPy twin (wafersim.reference) on the same programs,
+with identical results.
 
-    python benchmarks/engine_speed.py            # 16x16 .. 600x600 (a few minutes)
+    python benchmarks/engine_speed.py            # 16x16 .. 600x600 and layers (a few minutes)
     python benchmarks/engine_speed.py --small    # CI: small meshes only
+    python benchmarks/engine_speed.py --layers 124,256   # whole-layer regions to time
+
+The whole-layer programs are LLaMA-3-8B's layer shape cut to 2 layers and an 8,192-token
+vocabulary, decode at a 4,096-token context, one region per layer forced to the given size on
+the WSE-2 mesh (as benchmarks/whole_model.py builds them).
 
 The kernel is timed after one warm-up call (Numba compiles once and caches to disk); each time
 is the best of three. "events" are hop events (one per message per link crossed) plus one start
@@ -36,11 +42,23 @@ def best_of(fn, repeat=3):
     return min(times), out
 
 
+def layer_program(side):
+    import dataclasses
+
+    from compiler.model import CompileOptions, compile_model
+    from models import build_graph, load_model
+
+    cfg = dataclasses.replace(load_model("llama3-8b"), name="llama3-8b-2l", num_hidden_layers=2,
+                              vocab_size=8192)
+    return compile_model(build_graph(cfg, "decode", ctx_len=4096), WSE2,
+                         CompileOptions(region=(side, side))).program
+
+
 def bench_kernel(name, make):
     t0 = time.perf_counter()
     prog = make()
     build_s = time.perf_counter() - t0
-    args = kernel_args(prog, WSE2)
+    args = kernel_args(prog, WSE2, arrivals=False)
     run_kernel(*args)  # warm-up / JIT
     kernel_s, out = best_of(lambda: run_kernel(*args))
     events = int(out[1])
@@ -51,7 +69,7 @@ def bench_kernel(name, make):
 
 def bench_simpy(name, make):
     prog = make()
-    args = kernel_args(prog, WSE2)
+    args = kernel_args(prog, WSE2, arrivals=False)
     run_kernel(*args)
     kernel_s, ker = best_of(lambda: run_kernel(*args))
     simpy_s, ref = best_of(lambda: run_reference(*args), repeat=1)
@@ -65,6 +83,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="small meshes only (CI)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--layers", default=None,
+                        help="whole-layer region sides, comma separated (default 124; none "
+                             "with --small)")
     opts = parser.parse_args(argv)
 
     gemv_sizes = (16, 64) if opts.small else (16, 64, 128, 256, 360, 480, 600)
@@ -77,6 +98,10 @@ def main(argv=None):
     for p in gemm_sizes:
         rows.append(bench_kernel(f"meshgemm [2048]^3 on {p}x{p}",
                                  lambda p=p: lower_gemm(2048, 2048, 2048, p, p)))
+    layers = opts.layers if opts.layers is not None else ("" if opts.small else "124")
+    for side in (int(v) for v in layers.split(",") if v):
+        rows.append(bench_kernel(f"llama3-8b 2 layers, regions {side}x{side}",
+                                 lambda side=side: layer_program(side)))
     ratios = []
     for p in simpy_sizes:
         ratios.append(bench_simpy(f"meshgemv [1,8192]x[8192,8192] on {p}x{p}",

@@ -11,6 +11,7 @@ from compiler.algorithms.meshgemm import lower_gemm
 from compiler.algorithms.meshgemv import lower_gemv
 from compiler.program import OP_MATMUL_ACC, ProgramBuilder
 from compiler.targets import WSE2
+from wafersim import engine
 from wafersim.engine import run_kernel
 from wafersim.reference import run_reference
 from wafersim.result import SimulationError
@@ -182,3 +183,263 @@ def test_watchdog_bounds_the_event_count():
     prog = lower_gemv(1, 64, 64, 8, 8)
     with pytest.raises(SimulationError, match="watchdog"):
         simulate(prog, WSE2, max_events=10)
+
+
+# --- engine data structures: many messages in flight, far-future events, loops, dtypes -------
+
+def _replay_one_route(n, inject_every, ser, hops, recv_overhead):
+    """The model by hand for n messages injected every `inject_every` cycles along the same
+    route of `hops` links and received in order by one core: its finishing time."""
+    free = [0] * hops
+    done = 0
+    for k in range(n):
+        head = inject_every * (k + 1)
+        for h in range(hops):
+            start = max(head, free[h])
+            free[h] = start + ser
+            head = start + T.hop_latency_cycles
+        done = max(done, start + T.hop_latency_cycles + ser) + recv_overhead
+    return done
+
+
+@pytest.mark.parametrize("near_rows", [None, 2])
+def test_many_messages_in_flight_finish(near_rows, monkeypatch):
+    """One core sends 5,000 messages before its neighbour receives any: all are in flight at
+    once, and the engine needs no preset pool size."""
+    if near_rows:
+        monkeypatch.setattr(engine, "NEAR_ROWS", near_rows)
+    n, nbytes = 5000, 64
+    bld = ProgramBuilder(3, 1)
+    src, dst = bld.buffers([0, 2], 1, nbytes // 2)
+    m = bld.messages(np.zeros(n, np.int64), 2, nbytes, 0)
+    bld.send(np.zeros(n, np.int64), np.arange(n), m, src)
+    bld.recv(np.full(n, 2), n + np.arange(n), m, dst)
+    prog = bld.build()
+    res = simulate(prog, T)
+    ser = nbytes // int(T.link_bytes_per_cycle)
+    assert res.makespan_cycles == _replay_one_route(n, T.send_overhead_cycles, ser, 2,
+                                                    T.recv_overhead_cycles)
+    args = kernel_args(prog, T)
+    ker, ref = run_kernel(*args), run_reference(*args)
+    assert ker[0] == ref[0] == 0 and ker[1] == ref[1]
+    for r, k in zip(ref[2:6], ker[2:6], strict=True):
+        np.testing.assert_array_equal(r, k)
+
+
+@pytest.mark.parametrize("near_rows", [None, 2])
+def test_events_beyond_the_calendar_window_keep_their_order(near_rows, monkeypatch):
+    """A link backlog longer than the calendar window sends later hops through the overflow
+    heap, and a long compute sends a message there too; the SimPy twin agrees."""
+    if near_rows:
+        monkeypatch.setattr(engine, "NEAR_ROWS", near_rows)
+    n, nbytes = 40, 8000  # 2,000 cycles per message on a link: an 80,000-cycle backlog
+    bld = ProgramBuilder(4, 2)
+    bufs = bld.buffers(np.arange(8), 1, nbytes // 2)
+    m = bld.messages(np.zeros(n, np.int64), 3, nbytes, 0)
+    bld.send(np.zeros(n, np.int64), np.arange(n), m, bufs[0])
+    bld.recv(np.full(n, 3), n + np.arange(n), m, bufs[3])
+    late = bld.messages(4, 7, 40, 1)
+    bld.compute(4, 0, OP_MATMUL_ACC, c=bufs[4], a=bufs[4], b=bufs[4], flops=8 * 200_000)
+    bld.send(4, 1, late, bufs[4])
+    bld.recv(7, 0, late, bufs[7])
+    prog = bld.build()
+    res = simulate(prog, T)
+    assert res.makespan_cycles > 1 << 16
+    args = kernel_args(prog, T)
+    ker, ref = run_kernel(*args), run_reference(*args)
+    assert ker[0] == ref[0] == 0 and ker[1] == ref[1]
+    for r, k in zip(ref[2:6], ker[2:6], strict=True):
+        np.testing.assert_array_equal(r, k)
+
+
+def _ping_pong(count, looped):
+    """Core 0 sends to core 1, which computes and answers; `count` rounds, as a loop or
+    unrolled into distinct messages."""
+    bld = ProgramBuilder(2, 1)
+    a, b = bld.buffers([0, 1], 4, 4)
+    rounds = 1 if looped else count
+    for r in range(rounds):
+        ping, pong = bld.messages([0, 1], [1, 0], [40, 8], 0)
+        s = 1 + 4 * r
+        bld.send(0, s, ping, a)
+        bld.recv(1, s, ping, b)
+        bld.compute(1, s + 1, OP_MATMUL_ACC, c=b, a=b, b=b)
+        bld.send(1, s + 2, pong, b)
+        bld.recv(0, s + 2, pong, a)
+    bld.compute([0, 1], 0, OP_MATMUL_ACC, c=[a, b], a=[a, b], b=[a, b])  # before the loop
+    bld.compute([0, 1], 99, OP_MATMUL_ACC, c=[a, b], a=[a, b], b=[a, b])  # after it
+    return bld.build(loop=(1, 5, count, 0) if looped else None)
+
+
+def test_a_loop_times_like_its_unrolled_program():
+    looped, unrolled = simulate(_ping_pong(3, True), T), simulate(_ping_pong(3, False), T)
+    assert looped.makespan_cycles == unrolled.makespan_cycles
+    for name in ("core_busy", "core_overhead", "core_wait"):
+        np.testing.assert_array_equal(getattr(looped, name), getattr(unrolled, name))
+    assert looped.messages == unrolled.messages == 6
+    assert looped.hops == unrolled.hops and looped.events == unrolled.events
+    np.testing.assert_array_equal(looped.link_bytes, unrolled.link_bytes)
+    np.testing.assert_array_equal(looped.link_busy, unrolled.link_busy)
+
+
+def test_a_loop_that_runs_ahead_of_its_receiver_is_an_overrun():
+    bld = ProgramBuilder(2, 1)
+    a, b = bld.buffers([0, 1], 8, 8)
+    m, last = bld.messages([0, 0], [1, 1], 8, 0)
+    bld.send(0, 1, m, a)  # the loop: sent 3 times ...
+    bld.send(0, 5, last, a)
+    bld.recv(1, 0, last, b)  # ... while its receiver still waits for the message sent after
+    bld.recv(1, 1, m, b)
+    with pytest.raises(SimulationError, match="loop iteration"):
+        simulate(bld.build(loop=(1, 2, 3, 0)), T)
+
+
+@st.composite
+def multicast_programs(draw):
+    """Multicast messages along rows and columns, received at a random subset of their hops
+    (the rest pass through), mixed with unicast messages and compute."""
+    w, h = draw(st.integers(2, 6)), draw(st.integers(1, 6))
+    cores = w * h
+    bld = ProgramBuilder(w, h)
+    bufs = bld.buffers(np.arange(cores), 4, 4)
+    steps = draw(st.lists(st.tuples(st.integers(0, cores - 1), st.integers(0, cores - 1),
+                                    st.integers(1, 300), st.booleans(), st.integers(0, 255)),
+                          min_size=1, max_size=25))
+    for t, (a, b, nbytes, compute, mask) in enumerate(steps):
+        ax, ay, bx, by = a % w, a // w, b % w, b // w
+        if compute or a == b:
+            bld.compute(a, t, OP_MATMUL_ACC, c=bufs[a], a=bufs[a], b=bufs[a])
+        elif ax == bx or ay == by:  # a straight route: multicast to some of its routers
+            m = bld.messages(a, b, nbytes, t % 4, multicast=True)
+            bld.send(a, t, m, bufs[a])
+            n_hops = abs(ax - bx) + abs(ay - by)
+            step = 1 if b > a else -1
+            stride = 1 if ay == by else w
+            for hop in range(n_hops):
+                if mask >> hop & 1 or hop == n_hops - 1:
+                    core = a + step * stride * (hop + 1)
+                    bld.recv(core, t, m, bufs[core], hop=hop)
+        else:
+            m = bld.messages(a, b, nbytes, t % 4)
+            bld.send(a, t, m, bufs[a])
+            bld.recv(b, t, m, bufs[b])
+    return bld.build()
+
+
+@pytest.mark.parametrize("near_rows", [None, 2])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(prog=multicast_programs())
+def test_simpy_twin_agrees_on_multicast_programs(near_rows, monkeypatch, prog):
+    if near_rows:
+        monkeypatch.setattr(engine, "NEAR_ROWS", near_rows)
+    args = kernel_args(prog, T)
+    ker, ref = run_kernel(*args), run_reference(*args)
+    assert ker[0] == ref[0] == 0 and ker[1] == ref[1]
+    for r, k in zip(ref[2:6], ker[2:6], strict=True):
+        np.testing.assert_array_equal(r, k)
+
+
+def test_narrow_dtypes_give_the_same_result():
+    """The compiler may store instruction fields in int32 / float32: same timing."""
+    prog = lower_gemv(2, 300, 200, 12, 10)
+    narrow = dataclasses.replace(
+        prog, ins_flops=prog.ins_flops.astype(np.int32), ins_bytes=prog.ins_bytes.astype(np.int32),
+        ins_arg=prog.ins_arg.astype(np.int32), ins_imm=prog.ins_imm.astype(np.float32),
+        msg_bytes=prog.msg_bytes.astype(np.int32), route_ptr=prog.route_ptr.astype(np.int32))
+    a, b = simulate(prog, WSE2), simulate(narrow, WSE2)
+    assert a.makespan_cycles == b.makespan_cycles and a.events == b.events
+    assert a.flops == b.flops and a.hops == b.hops and a.messages == b.messages
+    for name in ("core_busy", "core_overhead", "core_wait", "link_bytes", "link_busy"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_entry_arrivals_are_recorded_only_when_asked():
+    prog = lower_gemv(1, 64, 64, 4, 4)
+    with_arrivals = run_kernel(*kernel_args(prog, WSE2))
+    without = run_kernel(*kernel_args(prog, WSE2, arrivals=False))
+    assert len(with_arrivals[7]) == prog.n_hops and (with_arrivals[7] >= 0).all()
+    assert len(without[7]) == 0
+    for x, y in zip(with_arrivals[2:7], without[2:7], strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_deadlock_names_the_instruction_after_sends():
+    bld = ProgramBuilder(2, 1)
+    a, b = bld.buffers([0, 1], 1, 4)
+    m = bld.messages([0, 0, 1], [1, 1, 0], 8, 0)
+    bld.send(0, 0, m[0], a)
+    bld.send(0, 1, m[1], a)
+    bld.recv(0, 2, m[2], a)  # never sent
+    bld.recv(1, 0, m[0], b)
+    bld.recv(1, 1, m[1], b)
+    with pytest.raises(SimulationError, match=r"core \(0,0\) at instruction 2 \(recv of message"):
+        simulate(bld.build(), T)
+
+
+def test_a_receive_the_engine_cannot_place_is_refused():
+    prog = one_message(0, 3, 8)
+    bad = prog.ins_arg.copy()
+    bad[prog.ins_kind == 2] -= 1  # an intermediate hop of a unicast message
+    with pytest.raises(SimulationError, match="intermediate hop"):
+        simulate(dataclasses.replace(prog, ins_arg=bad), T)
+    prog = lower_gemv(1, 64, 64, 2, 2)
+    huge = prog.ins_flops.astype(np.int64)
+    huge[prog.ins_kind == 0] = 1 << 40
+    with pytest.raises(SimulationError, match="compute takes more than"):
+        simulate(dataclasses.replace(prog, ins_flops=huge), T)
+
+
+@pytest.fixture
+def tiny_near_buckets(monkeypatch):
+    """Near buckets of 2 rows: nearly every event goes through the overflow lists."""
+    monkeypatch.setattr(engine, "NEAR_ROWS", 2)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(programs())
+def test_overflowing_near_buckets_change_nothing(tiny_near_buckets, case):
+    prog, target = case
+    args = kernel_args(prog, target)
+    ker, ref = run_kernel(*args), run_reference(*args)
+    assert ker[0] == ref[0] and ker[1] == ref[1]
+    for r, k in zip(ref[2:6], ker[2:6], strict=True):
+        np.testing.assert_array_equal(r, k)
+
+
+@pytest.mark.parametrize("make", [lambda: lower_gemv(2, 300, 200, 12, 10),
+                                  lambda: lower_gemm(60, 60, 60, 6, 6, "cannon")])
+def test_overflowing_near_buckets_on_algorithms(tiny_near_buckets, make):
+    prog = make()
+    args = kernel_args(prog, WSE2)
+    ker, ref = run_kernel(*args), run_reference(*args)
+    assert ker[1] == ref[1]
+    for r, k in zip(ref[2:6], ker[2:6], strict=True):
+        np.testing.assert_array_equal(r, k)
+
+
+def test_routes_that_are_not_dimension_ordered_are_followed():
+    """The kernel steps along straight routes itself; any other route (here a staircase)
+    is read link by link from route_link."""
+    w = 4
+    bld = ProgramBuilder(w, 4)
+    bufs = bld.buffers(np.arange(16), 1, 8)
+    m = bld.messages([0, 0, 5], [10, 15, 6], 16, 0)  # (0,0)->(2,2), (0,0)->(3,3), (1,1)->(2,1)
+    bld.send([0, 0, 5], [0, 1, 0], m, bufs[[0, 0, 5]])
+    bld.recv([10, 15, 6], [0, 1, 0], m, bufs[[10, 15, 6]])
+    prog = bld.build()
+    links = prog.route_link.copy()
+    east, south = 0, 3
+    stairs = [(0, east), (1, south), (5, east), (6, south)]  # (0,0) E S E S -> (2,2)
+    first = prog.route_ptr[0]
+    links[first:first + 4] = [c * 4 + d for c, d in stairs]
+    stair = dataclasses.replace(prog, route_link=links)
+    args = kernel_args(stair, T)
+    ker, ref = run_kernel(*args), run_reference(*args)
+    assert ker[0] == ref[0] == 0 and ker[1] == ref[1]
+    for r, k in zip(ref[2:6], ker[2:6], strict=True):
+        np.testing.assert_array_equal(r, k)
+    # the staircase turns south at (1,0); only message 1 goes on east from there
+    res = simulate(stair, T)
+    assert res.link_bytes[1 * 4 + south] == 16 and res.link_bytes[1 * 4 + east] == 16

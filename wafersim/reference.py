@@ -1,9 +1,11 @@
 """A plain SimPy implementation of the engine's message-level model, for checking and speed.
 
 It takes the same arguments as `wafersim.engine.run_kernel` and follows the same steps, with
-SimPy's environment as the clock and event queue: each heap push of the kernel is one
+SimPy's environment as the clock and event queue: each event queued by the kernel is one
 `env.timeout` here, and SimPy orders events of equal time by scheduling order, as the kernel's
-(time, push order) heap does. So the two must agree exactly, cycle for cycle. It is slow by
+(time, push order) queue does. So the two must agree exactly, cycle for cycle. It reads each
+hop's link from `route_link` (the kernel steps straight routes itself) and keeps deliveries in
+dicts, so it also checks the kernel's route stepping, slots and event buckets. It is slow by
 design (Python objects per event) and never used by `simulate`.
 """
 
@@ -12,12 +14,13 @@ from __future__ import annotations
 import numpy as np
 import simpy
 
-from wafersim.engine import COMPUTE, DEADLOCK, OK, SEND
+from wafersim.engine import COMPUTE, DEADLOCK, KIND_BITS, OK, SEND, SEND_WORDS
 
 
-def run_reference(core_ptr, ins_kind, ins_cycles, ins_arg, route_link, entry_ser, n_links,
+def run_reference(core_ptr, code_ptr, code, route_link, mc_slot, n_slots, n_links, width,
                   hop_latency, send_overhead, recv_overhead, compute_overhead, max_events=None,
-                  loop_start=None, loop_end=None, loop_count=None, entry_recv=None):
+                  max_pending=None, loop_start=None, loop_end=None, loop_count=None,
+                  record_arrivals=False):
     """Returns (status, events, core_time, core_busy, core_overhead, core_wait)."""
     if loop_count is not None and np.any(np.asarray(loop_count) > 1):
         raise ValueError("the SimPy reference does not run looped programs")
@@ -27,10 +30,10 @@ def run_reference(core_ptr, ins_kind, ins_cycles, ins_arg, route_link, entry_ser
     busy = [0] * n_cores
     overhead = [0] * n_cores
     wait = [0] * n_cores
-    pc = [int(p) for p in core_ptr[:-1]]
-    end = [int(p) for p in core_ptr[1:]]
-    arrival: dict[int, int] = {}
-    waiter: dict[int, int] = {}
+    pc = [int(p) for p in code_ptr[:-1]]  # positions in `code`
+    end = [int(p) for p in code_ptr[1:]]
+    arrival: dict[int, int] = {}  # delivery slot -> time
+    waiter: dict[int, int] = {}  # delivery slot -> blocked core
     free_at = [0] * n_links
     events = [0]
 
@@ -39,21 +42,24 @@ def run_reference(core_ptr, ins_kind, ins_cycles, ins_arg, route_link, entry_ser
 
     def run_core(c):
         while pc[c] < end[c]:
-            i = pc[c]
-            if ins_kind[i] == COMPUTE:
-                core_time[c] += int(ins_cycles[i]) + compute_overhead
-                busy[c] += int(ins_cycles[i])
+            word = int(code[pc[c]])
+            kind, operand = word & ((1 << KIND_BITS) - 1), word >> KIND_BITS
+            if kind == COMPUTE:
+                core_time[c] += operand + compute_overhead
+                busy[c] += operand
                 overhead[c] += compute_overhead
-            elif ins_kind[i] == SEND:
+            elif kind == SEND:
                 core_time[c] += send_overhead
                 overhead[c] += send_overhead
-                at(core_time[c], lambda _ev, e=int(ins_arg[i]): hop(e))
+                first, ser, delivery = (int(v) for v in code[pc[c] + 1:pc[c] + 4])
+                message = (first + operand - 1, ser, delivery)  # last entry, ser, delivery
+                at(core_time[c], lambda _ev, e=first, msg=message: hop(msg, e))
+                pc[c] += SEND_WORDS - 1
             else:
-                e = int(ins_arg[i])
-                if e not in arrival:
-                    waiter[e] = c
+                if operand not in arrival:
+                    waiter[operand] = c
                     return
-                receive(c, arrival[e])
+                receive(c, arrival.pop(operand))
             pc[c] += 1
 
     def receive(c, t_arrival):
@@ -63,20 +69,30 @@ def run_reference(core_ptr, ins_kind, ins_cycles, ins_arg, route_link, entry_ser
         core_time[c] += recv_overhead
         overhead[c] += recv_overhead
 
-    def hop(e):
+    def hop(msg, e):
         events[0] += 1
-        link, ser = int(route_link[e]), int(entry_ser[e])
-        last = ser < 0
-        if last:
+        last_entry, ser, delivery = msg
+        link = int(route_link[e])
+        multicast = ser < 0
+        if multicast:
             ser = -1 - ser
+        last = e == last_entry
         start = max(env.now, free_at[link])
         free_at[link] = start + ser
-        arrival[e] = start + hop_latency + ser
+        t_arrival = start + hop_latency + ser
         if not last:
-            at(start + hop_latency, lambda _ev, nxt=e + 1: hop(nxt))
-        c = waiter.pop(e, None)
-        if c is not None:
-            receive(c, arrival[e])
+            at(start + hop_latency, lambda _ev, nxt=e + 1: hop(msg, nxt))
+        if multicast:
+            slot = int(mc_slot[e + delivery])
+        else:
+            slot = delivery if last else -1
+        if slot < 0:
+            return
+        c = waiter.pop(slot, None)
+        if c is None:
+            arrival[slot] = t_arrival
+        else:
+            receive(c, t_arrival)
             pc[c] += 1
             run_core(c)
 

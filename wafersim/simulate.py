@@ -1,19 +1,36 @@
 """simulate(program, target): time a MeshProgram with the Numba event kernel.
 
-This module turns the program and target into the kernel's flat arrays (compute cycles per
-instruction, serialisation cycles per message), runs the kernel, and packs a SimResult.
+This module turns the program and target into the kernel's arrays (wafersim.engine describes
+them: code words with compute cycles, delivery slots and inline messages; the multicast slot
+table), runs the kernel, and packs a SimResult. The conversions are Numba loops over the
+program's arrays, so they allocate only their outputs and per-message scratch (no
+per-instruction or per-hop temporaries), whatever the integer dtypes of the program's arrays;
+values that do not fit the kernel's int32 words raise SimulationError.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
+import numba
 import numpy as np
 
 from compiler.program import COMPUTE, KIND_NAMES, RECV, SEND, MeshProgram
 from compiler.targets import MeshTarget
-from wafersim.engine import DEADLOCK, FULL, OVERRUN, WATCHDOG, run_kernel
+from wafersim.engine import (
+    DEADLOCK,
+    FULL,
+    KIND_BITS,
+    MAX_OPERAND,
+    OVERRUN,
+    SEND_WORDS,
+    WATCHDOG,
+    run_kernel,
+)
 from wafersim.result import SimResult, SimulationError
+
+BLOCK_SHIFT = 4  # route entries per block of the entry -> message index: 16
 
 
 def compute_cycles(program: MeshProgram, target: MeshTarget) -> np.ndarray:
@@ -33,48 +50,257 @@ def message_cycles(program: MeshProgram, target: MeshTarget) -> np.ndarray:
     return np.ceil(program.msg_bytes / target.link_bytes_per_cycle).astype(np.int64)
 
 
-def kernel_args(program: MeshProgram, target: MeshTarget, max_events: int | None = None):
-    """The kernel's positional arguments, in order (also used by the SimPy reference)."""
+@numba.njit(cache=True, nogil=True)
+def _far_core(link, width):
+    d = link & 3
+    return (link >> 2) + (1 if d == 0 else (-1 if d == 1 else (-width if d == 2 else width)))
+
+
+@numba.njit(cache=True, nogil=True)
+def _route_shape(route_link, first, end, width):
+    """(hops before the turn) << 2 | direction after it, for a route of at most two straight
+    runs (as dimension-ordered routing makes), else -1 (the kernel then reads its links)."""
+    n1 = 1
+    dir2 = 0
+    turned = False
+    for e in range(first + 1, end):
+        prev, link = route_link[e - 1], route_link[e]
+        if link >> 2 != _far_core(prev, width):
+            return -1
+        if not turned and link & 3 == prev & 3:
+            n1 += 1
+        elif not turned:
+            turned = True
+            dir2 = link & 3
+        elif link & 3 != dir2:
+            return -1
+    return n1 << 2 | dir2
+
+
+@numba.njit(cache=True, nogil=True)
+def _encode(core_ptr, ins_kind, ins_flops, ins_bytes, ins_arg, rate, sram_bytes_per_cycle,
+            route_ptr, route_link, width, msg_bytes, multicast, link_bytes_per_cycle,
+            loop_start, loop_end, loop_count):
+    """The kernel's arrays (see wafersim.engine): code words, per-core word offsets, loops in
+    words, the multicast slot table and the number of delivery slots, and how many
+    instructions and hops (`runs`) and SENDs (`sends`) the program runs, with loop repeats.
+    Returns (code, code_ptr, loop_start, loop_end, mc_slot, n_slots, runs, sends, error,
+    index); error 1 = compute cycles do not fit,
+    2 = SEND or RECV of an unknown message / entry, 3 = SEND of a message with no hops, 4 =
+    RECV of an intermediate hop of a unicast message, 5 = a loop outside its core's
+    instructions, 6 = serialisation cycles of message `index` do not fit, 7 = too many
+    receives."""
+    n_cores = core_ptr.shape[0] - 1
+    n = ins_kind.shape[0]
+    n_msgs = msg_bytes.shape[0]
+    n_entries = route_ptr[n_msgs]
+    code_ptr = np.empty(n_cores + 1, np.int64)
+    lstart = np.empty(n_cores, np.int64)
+    lend = np.empty(n_cores, np.int64)
+    code = np.empty(0, np.int32)
+    mc_slot = np.empty(0, np.int32)
+    n_slots = 0
+    runs = 0  # instructions and hops run
+    sends = 0
+    # Per message: serialisation cycles (-1 - cycles if multicast) and its delivery: the slot
+    # of a unicast message's last entry (-1: not received), or a multicast message's first
+    # entry in mc_slot.
+    msg = np.empty((n_msgs, 2), np.int32)
+    n_mc = 0
+    for m in range(n_msgs):
+        ser = math.ceil(msg_bytes[m] / link_bytes_per_cycle)
+        if ser < 0 or ser > MAX_OPERAND or n_mc > MAX_OPERAND:
+            return code, code_ptr, lstart, lend, mc_slot, n_slots, runs, sends, 6, m
+        if multicast[m]:
+            msg[m, 0] = -1 - np.int32(ser)
+            msg[m, 1] = n_mc
+            n_mc += route_ptr[m + 1] - route_ptr[m]
+        else:
+            msg[m, 0] = np.int32(ser)
+            msg[m, 1] = -1
+    mc_slot = np.full(n_mc, -1, np.int32)
+    # entry -> message: block k of 2**BLOCK_SHIFT entries starts in message block_msg[k]
+    n_blocks = (n_entries >> BLOCK_SHIFT) + 1
+    block_msg = np.empty(n_blocks, np.int32)
+    m = 0
+    for k in range(n_blocks):
+        e0 = k << BLOCK_SHIFT
+        while m < n_msgs - 1 and route_ptr[m + 1] <= e0:
+            m += 1
+        block_msg[k] = m
+    n_words = 0
+    for i in range(n):
+        n_words += SEND_WORDS if ins_kind[i] == SEND else 1
+    code = np.empty(n_words, np.int32)
+    # One pass writes the words; delivery slots are numbered in the order the cores' RECVs
+    # name them, so a SEND's delivery word is filled in by a second pass over the SENDs.
+    w = 0
+    for c in range(n_cores):
+        code_ptr[c] = w
+        if not (core_ptr[c] <= loop_start[c] <= loop_end[c] <= core_ptr[c + 1]):
+            return code, code_ptr, lstart, lend, mc_slot, n_slots, runs, sends, 5, c
+        reps = np.int64(loop_count[c]) if loop_start[c] < loop_end[c] else np.int64(1)
+        runs += core_ptr[c + 1] - core_ptr[c] + (reps - 1) * (loop_end[c] - loop_start[c])
+        for i in range(core_ptr[c], core_ptr[c + 1] + 1):
+            if i == loop_start[c]:
+                lstart[c] = w
+            if i == loop_end[c]:
+                lend[c] = w
+            if i == core_ptr[c + 1]:
+                break
+            kind = ins_kind[i]
+            if kind == COMPUTE:
+                flop_cycles = math.ceil(ins_flops[i] / rate)
+                byte_cycles = math.ceil(ins_bytes[i] / sram_bytes_per_cycle)
+                cycles = max(flop_cycles, byte_cycles)
+                if cycles < 0 or cycles > MAX_OPERAND:
+                    return code, code_ptr, lstart, lend, mc_slot, n_slots, runs, sends, 1, i
+                code[w] = np.int32(cycles) << KIND_BITS | COMPUTE
+                w += 1
+            elif kind == SEND:
+                m = ins_arg[i]
+                if m < 0 or m >= n_msgs:
+                    return code, code_ptr, lstart, lend, mc_slot, n_slots, runs, sends, 2, i
+                first = route_ptr[m]
+                hops = route_ptr[m + 1] - first
+                if hops == 0:
+                    return code, code_ptr, lstart, lend, mc_slot, n_slots, runs, sends, 3, i
+                r = reps if loop_start[c] <= i < loop_end[c] else 1
+                runs += hops * r
+                sends += r
+                code[w] = np.int32(hops) << KIND_BITS | SEND
+                code[w + 1] = first
+                code[w + 2] = msg[m, 0]
+                code[w + 4] = route_link[first]
+                code[w + 5] = _route_shape(route_link, first, first + hops, width)
+                w += SEND_WORDS
+            else:
+                e = ins_arg[i]
+                if e < 0 or e >= n_entries:
+                    return code, code_ptr, lstart, lend, mc_slot, n_slots, runs, sends, 2, i
+                m = block_msg[e >> BLOCK_SHIFT]
+                while route_ptr[m + 1] <= e:
+                    m += 1
+                if msg[m, 0] < 0:
+                    k = msg[m, 1] + e - route_ptr[m]
+                    if mc_slot[k] < 0:
+                        mc_slot[k] = n_slots
+                        n_slots += 1
+                    s = mc_slot[k]
+                elif e != route_ptr[m + 1] - 1:
+                    return code, code_ptr, lstart, lend, mc_slot, n_slots, runs, sends, 4, i
+                else:
+                    if msg[m, 1] < 0:
+                        msg[m, 1] = n_slots
+                        n_slots += 1
+                    s = msg[m, 1]
+                if n_slots > MAX_OPERAND:
+                    return code, code_ptr, lstart, lend, mc_slot, n_slots, runs, sends, 7, i
+                code[w] = np.int32(s) << KIND_BITS | RECV
+                w += 1
+    code_ptr[n_cores] = w
+    w = 0
+    for i in range(n):
+        if ins_kind[i] != SEND:
+            w += 1
+            continue
+        m = ins_arg[i]
+        first = route_ptr[m]
+        code[w + 3] = msg[m, 1] - first if msg[m, 0] < 0 else msg[m, 1]
+        w += SEND_WORDS
+    return code, code_ptr, lstart, lend, mc_slot, n_slots, runs, sends, 0, 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _tally(core_ptr, ins_kind, ins_arg, ins_flops, loop_start, loop_end, loop_count, route_ptr,
+           route_link, msg_bytes, link_bytes_per_cycle, n_links):
+    """Totals with loop repeats: (messages sent, hops, FLOPs, bytes and busy cycles per link)."""
+    n_cores = core_ptr.shape[0] - 1
+    link_bytes = np.zeros(n_links, np.int64)
+    link_busy = np.zeros(n_links, np.int64)
+    messages = 0
+    hops = 0
+    flops = 0
+    for c in range(n_cores):
+        for i in range(core_ptr[c], core_ptr[c + 1]):
+            reps = np.int64(loop_count[c]) if loop_start[c] <= i < loop_end[c] else np.int64(1)
+            kind = ins_kind[i]
+            if kind == COMPUTE:
+                flops += reps * np.int64(ins_flops[i])
+            elif kind == SEND:
+                m = ins_arg[i]
+                messages += reps
+                hops += reps * (route_ptr[m + 1] - route_ptr[m])
+                nbytes = reps * np.int64(msg_bytes[m])
+                ser = reps * np.int64(math.ceil(msg_bytes[m] / link_bytes_per_cycle))
+                for e in range(route_ptr[m], route_ptr[m + 1]):
+                    link = route_link[e]
+                    link_bytes[link] += nbytes
+                    link_busy[link] += ser
+    return messages, hops, flops, link_bytes, link_busy
+
+
+def _loops(program: MeshProgram):
+    if len(program.loop_count):
+        return tuple(np.asarray(a, dtype=np.int64) for a in (
+            program.loop_start, program.loop_end, program.loop_count))
+    start = np.asarray(program.core_ptr[:-1], dtype=np.int64)
+    return start, start, np.ones(program.cores, dtype=np.int64)
+
+
+def kernel_args(program: MeshProgram, target: MeshTarget, max_events: int | None = None,
+                arrivals: bool = True):
+    """The kernel's positional arguments, in order (also used by the SimPy reference).
+
+    `arrivals`: the kernel records every route entry's delivery time (8 bytes per hop; needed
+    by callers that read the kernel's `entry_arrival`, not by `simulate`)."""
     if program.width > target.width or program.height > target.height:
         raise SimulationError(f"program needs a {program.width}x{program.height} mesh, target "
                               f"{target.name} has {target.width}x{target.height}")
-    if 2 * program.n_hops >= 2**31:
-        raise SimulationError(f"program has {program.n_hops:,} message hops; the engine takes "
-                              "at most 2**30")
+    if program.n_hops >= 2**31 - 1 or program.n_messages > MAX_OPERAND:
+        raise SimulationError(f"program has {program.n_hops:,} message hops and "
+                              f"{program.n_messages:,} messages; the engine takes at most "
+                              f"2**31 - 2 and {MAX_OPERAND:,}")
+    core_ptr = np.asarray(program.core_ptr, dtype=np.int64)
+    route_ptr = program.route_ptr
+    route_link = program.route_link
+    loops = _loops(program)
+    link_bw = float(target.link_bytes_per_cycle)
+    code, code_ptr, loop_start, loop_end, mc_slot, n_slots, runs, sends, err, at = _encode(
+        core_ptr, program.ins_kind, program.ins_flops, program.ins_bytes, program.ins_arg,
+        float(target.rate(program.dtype)), float(target.sram_bytes_per_cycle), route_ptr,
+        route_link, program.width, program.msg_bytes, program.msg_multicast, link_bw, *loops)
+    if err:
+        why = {1: f"its compute takes more than {MAX_OPERAND:,} cycles",
+               2: "it names an unknown message or route entry",
+               3: "it sends a message with an empty route",
+               4: "it receives an intermediate hop of a unicast message",
+               5: "the core's loop lies outside its instructions",
+               6: f"it takes more than {MAX_OPERAND:,} cycles per link",
+               7: f"the program receives more than {MAX_OPERAND:,} route entries"}[err]
+        what = {5: "core", 6: "message"}.get(err, "instruction")
+        raise SimulationError(f"{what} {at} cannot be simulated: {why}")
     if max_events is None:
-        reps = program.ins_repeats()
-        hops = int((np.diff(program.route_ptr) * program.msg_repeats()).sum())
-        max_events = 4 * (program.cores + hops + int(reps.sum())) + 16
-    entry_ser = message_cycles(program, target)[program.entry_msg].astype(np.int32)
-    last = program.route_ptr[1:] - 1
-    last = last[np.diff(program.route_ptr) > 0]
-    entry_ser[last] = -1 - entry_ser[last]
-    arg = program.ins_arg.copy()
-    send = program.ins_kind == SEND
-    arg[send] = program.route_ptr[arg[send]]
-    entry_recv = np.zeros(program.n_hops, dtype=np.bool_)
-    entry_recv[program.ins_arg[program.ins_kind == RECV]] = True
-    if len(program.loop_count):
-        loops = (program.loop_start, program.loop_end, program.loop_count)
-    else:
-        start = program.core_ptr[:-1]
-        loops = (start, start, np.ones(program.cores, dtype=np.int64))
-    return (program.core_ptr, program.ins_kind, compute_cycles(program, target), arg,
-            program.route_link, entry_ser, program.cores * 4, target.hop_latency_cycles,
-            target.send_overhead_cycles, target.recv_overhead_cycles,
-            target.compute_overhead_cycles, max_events, *loops, entry_recv)
+        max_events = 4 * (program.cores + runs) + 16
+    return (core_ptr, code_ptr, code, route_link, mc_slot, n_slots, program.cores * 4,
+            program.width, target.hop_latency_cycles, target.send_overhead_cycles,
+            target.recv_overhead_cycles, target.compute_overhead_cycles, max_events, sends,
+            loop_start, loop_end, loops[2], arrivals)
+
+
+MAX_EVENTS_ARG = 12  # position of max_events in kernel_args' tuple
 
 
 def simulate(program: MeshProgram, target: MeshTarget, max_events: int | None = None
              ) -> SimResult:
     """Simulate `program` on `target`; raises SimulationError on deadlock or watchdog."""
-    args = kernel_args(program, target, max_events)
+    args = kernel_args(program, target, max_events, arrivals=False)
     t0 = time.perf_counter()
     status, events, core_time, busy, overhead, wait, pc, _arrival, _free = run_kernel(*args)
     wall = time.perf_counter() - t0
     if status == WATCHDOG:
-        raise SimulationError(f"watchdog: more than {args[11]:,} events; the program does not "
-                              "terminate")
+        raise SimulationError(f"watchdog: more than {args[MAX_EVENTS_ARG]:,} events; the "
+                              "program does not terminate")
     if status == DEADLOCK:
         raise SimulationError(_deadlock_message(program, pc))
     if status == OVERRUN:
@@ -82,25 +308,17 @@ def simulate(program: MeshProgram, target: MeshTarget, max_events: int | None = 
                               "iteration's copy was received; simulate the layers unrolled")
     if status == FULL:
         raise SimulationError("the engine's event pool is full (a loop runs far ahead)")
-    entry_msg = program.entry_msg
-    n_links = program.cores * 4
-    msg_reps = program.msg_repeats()
-    msg_cycles = message_cycles(program, target) * msg_reps
-    msg_bytes = program.msg_bytes * msg_reps
+    messages, hops, flops, link_bytes, link_busy = _tally(
+        args[0], program.ins_kind, program.ins_arg, program.ins_flops, *_loops(program),
+        program.route_ptr, program.route_link, program.msg_bytes,
+        float(target.link_bytes_per_cycle), program.cores * 4)
     return SimResult(
         system=target.name, width=program.width, height=program.height,
         clock_hz=target.clock_hz, makespan_cycles=int(core_time.max(initial=0)),
         core_busy=busy, core_overhead=overhead, core_wait=wait,
         core_active=np.diff(program.core_ptr) > 0,
-        link_bytes=np.bincount(program.route_link, weights=msg_bytes[entry_msg],
-                               minlength=n_links).astype(np.int64),
-        link_busy=np.bincount(program.route_link, weights=msg_cycles[entry_msg],
-                              minlength=n_links).astype(np.int64),
-        messages=int(msg_reps.sum()),
-        hops=int((np.diff(program.route_ptr) * msg_reps).sum()), events=int(events),
-        sim_wall_s=wall,
-        flops=int((program.ins_flops * program.ins_repeats())[program.ins_kind == COMPUTE].sum()),
-        meta=dict(program.meta),
+        link_bytes=link_bytes, link_busy=link_busy, messages=int(messages), hops=int(hops),
+        events=int(events), sim_wall_s=wall, flops=int(flops), meta=dict(program.meta),
     )
 
 
@@ -112,7 +330,8 @@ def _deadlock_message(program: MeshProgram, pc: np.ndarray) -> str:
         what = KIND_NAMES[program.ins_kind[i]]
         detail = ""
         if what == "recv":
-            m = int(program.entry_msg[program.ins_arg[i]])
+            e = int(program.ins_arg[i])
+            m = int(np.searchsorted(program.route_ptr, e, side="right")) - 1
             src = int(program.msg_src[m])
             detail = f" of message {m} from core ({src % program.width},{src // program.width})"
         parts.append(f"core ({c % program.width},{c // program.width}) at instruction "
