@@ -239,17 +239,28 @@ def _counts(cfg, target, rows, cols, n, batch, capacity):
     return distribute(cfg.num_hidden_layers, [int((limit - e) // per) for e in extra])
 
 
+def forced_regions(target: MeshTarget, rows: int, cols: int, layers: int) -> int:
+    """How many regions of rows x cols `--region` gives (at most one per layer and table)."""
+    n = (target.height // rows) * (target.width // cols)
+    if n < 1:
+        raise ProgramError(f"region {rows}x{cols} (rows x cols) does not fit "
+                           f"{target.name}'s {target.height}x{target.width} mesh")
+    return min(n, layers + 2)
+
+
+def policy_key(policy: str, counts: list[int], size: int) -> tuple:
+    """Larger is better. waferllm: the largest regions; pipeline: the least stacking, then
+    the largest."""
+    return (size,) if policy == "waferllm" else (-max(counts), size)
+
+
 def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
               options: CompileOptions) -> tuple[int, int, list[int]]:
     """(rows, cols, layers per region) of the policy: the largest regions that fit."""
     L = cfg.num_hidden_layers
     if options.region is not None:
         rows, cols = options.region
-        n = (target.height // rows) * (target.width // cols)
-        if n < 1:
-            raise ProgramError(f"region {rows}x{cols} (rows x cols) does not fit "
-                               f"{target.name}'s {target.height}x{target.width} mesh")
-        n = min(n, L + 2)
+        n = forced_regions(target, rows, cols, L)
         counts = _counts(cfg, target, rows, cols, n, batch, capacity)
         if counts is None:
             raise ProgramError(f"{cfg.name} does not fit {n} regions of {rows}x{cols} (rows x "
@@ -265,9 +276,7 @@ def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
                 continue
             counts = _counts(cfg, target, rows, cols, n, batch, capacity)
             if counts:
-                # waferllm: the largest regions; pipeline: the least stacking, then the largest
-                key = ((rows * cols,) if options.policy == "waferllm"
-                       else (-max(counts), rows * cols))
+                key = policy_key(options.policy, counts, rows * cols)
                 if best is None or key > best[0]:
                     best = (key, rows, cols, counts)
     if best:

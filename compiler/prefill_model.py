@@ -46,6 +46,19 @@ from compiler.algorithms.prefill import (
     rope_table,
     unpack_k_cache,
 )
+from compiler.model import (
+    EPI,
+    LAYER,
+    LOOP,
+    CompiledModel,
+    _argmax,
+    _carry,
+    _matrices,
+    distribute,
+    forced_regions,
+    place,
+    policy_key,
+)
 from compiler.program import (
     INPUT,
     OP_LOOKUP,
@@ -75,7 +88,6 @@ def algos(options) -> tuple[str, str]:
 
 
 def compile_prefill(graph, target: MeshTarget, options):
-    from compiler.model import CompiledModel, place
 
     cfg: ModelConfig = graph.graph["cfg"]
     batch, seq, past = graph.graph["batch"], graph.graph["seq_len"], graph.graph["ctx_len"]
@@ -108,7 +120,6 @@ def _max_side(cfg: ModelConfig) -> int:
 def prefill_layer_bytes(cfg: ModelConfig, s: int, seq: int) -> int:
     """Bytes one layer keeps on the busiest core of an s x s grid: weight tiles, norms and its
     K / V caches (the rows of its query block)."""
-    from compiler.model import _matrices
 
     mb = math.ceil(seq / s)
     kv = cfg.num_key_value_heads * cfg.head_dim
@@ -122,7 +133,6 @@ def prefill_scratch_bytes(cfg: ModelConfig, s: int, seq: int, algo: str, embed: 
     """Estimated scratch on a core (shared by the layers of its region): the GEMMs' receive
     buffers (one more weight tile each, two for SUMMA), activation tiles, attention's blocks,
     plus the tables' tiles and the embedding's partial sums where the region holds them."""
-    from compiler.model import _matrices
 
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     mb, db, fb = math.ceil(seq / s), math.ceil(d / s), math.ceil(f / s)
@@ -140,7 +150,6 @@ def prefill_scratch_bytes(cfg: ModelConfig, s: int, seq: int, algo: str, embed: 
 
 
 def _prefill_counts(cfg, target, s, n, seq, algo):
-    from compiler.model import distribute
 
     limit = 0.97 * target.sram_bytes
     per = prefill_layer_bytes(cfg, s, seq)
@@ -157,18 +166,15 @@ def partition_prefill(cfg: ModelConfig, target: MeshTarget, seq: int, options,
     L, smax = cfg.num_hidden_layers, _max_side(cfg)
     if options.region is not None:
         rows, cols = options.region
-        n = (target.height // rows) * (target.width // cols)
-        if n < 1:
-            raise ProgramError(f"region {rows}x{cols} (rows x cols) does not fit "
-                               f"{target.name}'s {target.height}x{target.width} mesh")
+        n = forced_regions(target, rows, cols, L)
         s = min(rows, cols)
         if s > smax:
             raise ProgramError(f"prefill: region {rows}x{cols} gives a {s}x{s} grid; "
                                f"{cfg.name} allows at most {smax}x{smax} (RoPE pairs of its "
                                "KV heads)")
-        counts = _prefill_counts(cfg, target, s, min(n, L + 2), seq, algo)
+        counts = _prefill_counts(cfg, target, s, n, seq, algo)
         if counts is None:
-            raise ProgramError(f"{cfg.name} prefill of {seq} tokens does not fit {min(n, L + 2)}"
+            raise ProgramError(f"{cfg.name} prefill of {seq} tokens does not fit {n}"
                                f" regions of {rows}x{cols} cores: {target.sram_bytes:,} B of "
                                "SRAM per core")
         return rows, cols, counts
@@ -177,7 +183,7 @@ def partition_prefill(cfg: ModelConfig, target: MeshTarget, seq: int, options,
         n = min((target.height // s) * (target.width // s), L + 2)
         counts = _prefill_counts(cfg, target, s, n, seq, algo)
         if counts:
-            key = (s,) if options.policy == "waferllm" else (-max(counts), s)
+            key = policy_key(options.policy, counts, s)
             if best is None or key > best[0]:
                 best = (key, s, s, counts)
     if best:
@@ -196,7 +202,6 @@ def partition_prefill(cfg: ModelConfig, target: MeshTarget, seq: int, options,
 def lower_prefill(cfg: ModelConfig, width: int, height: int, placements, seq: int, levels: int,
                   gemm_algo: str = "meshgemm", gemv_algo: str = "meshgemv") -> MeshProgram:
     """The per-core program of one prefill (see the module docstring)."""
-    from compiler.model import EPI, LAYER, LOOP, _carry
 
     bld = ProgramBuilder(width, height, cfg.dtype)
     shape = (seq, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
@@ -288,7 +293,6 @@ def _handoff(bld: ProgramBuilder, prev, p, send_step: int) -> np.ndarray:
 
 def _head(bld: ProgramBuilder, p, cfg: ModelConfig, h, step: int, levels: int, algo: str):
     """Final norm, LM head and argmax of the last prompt token."""
-    from compiler.model import _argmax
 
     s, db, d = p.s, p.db, cfg.hidden_size
     ir, rr = divmod(p.seq - 1, p.mb)

@@ -200,6 +200,30 @@ def run_kernel(core_ptr, code_ptr, code, route_link, mc_slot, n_slots, n_links, 
             link_free_at)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _queue(pool, ev, t, seq, near, mb, now, ovf_head, ovf_tail, head, tail, heap, in_near,
+           in_far, n_heap):
+    """Queue pool row `ev` for time t: the near bucket's overflow list (`near`: t is within the
+    promoted near window, bucket mb), a far calendar bucket, or the overflow heap.
+    Returns the updated (in_near, in_far, n_heap)."""
+    if near:
+        if ovf_tail[mb] < 0:
+            ovf_head[mb] = ev
+        else:
+            pool[ovf_tail[mb], R_NEXT] = ev
+        ovf_tail[mb] = ev
+        return in_near + 1, in_far, n_heap
+    if t < now + WINDOW:
+        b = t & MASK
+        if tail[b] < 0:
+            head[b] = ev
+        else:
+            pool[tail[b], R_NEXT] = ev
+        tail[b] = ev
+        return in_near, in_far + 1, n_heap
+    return in_near, in_far, _push(heap, n_heap, t, seq, ev)
+
+
 @numba.njit(cache=True, nogil=True)
 def _instruction_index(code, code_ptr, core_ptr, pc):
     """Word positions -> instruction indices (cores that are done, or walk their words)."""
@@ -355,23 +379,9 @@ def _run(flat, link_free_at, core_time, core_busy, core_overhead, core_wait, pc_
                         pool[ev, R_TURN] = turn
                         pool[ev, R_DIR2] = shape & 3
                         pool[ev, R_NEXT] = -1
-                        if t <= promoted:
-                            if ovf_tail[mb] < 0:
-                                ovf_head[mb] = ev
-                            else:
-                                pool[ovf_tail[mb], R_NEXT] = ev
-                            ovf_tail[mb] = ev
-                            in_near += 1
-                        elif t < now + WINDOW:
-                            b = t & MASK
-                            if tail[b] < 0:
-                                head[b] = ev
-                            else:
-                                pool[tail[b], R_NEXT] = ev
-                            tail[b] = ev
-                            in_far += 1
-                        else:
-                            n_heap = _push(heap, n_heap, t, seq, ev)
+                        in_near, in_far, n_heap = _queue(
+                            pool, ev, t, seq, t <= promoted, mb, now, ovf_head, ovf_tail, head,
+                            tail, heap, in_near, in_far, n_heap)
                     seq += 1
                     pc += SEND_WORDS - 1
                 else:
@@ -568,23 +578,9 @@ def _run(flat, link_free_at, core_time, core_busy, core_overhead, core_wait, pc_
                 pool[ev, R_ENTRY] = e + 1
                 pool[ev, R_LINK] = link1
                 pool[ev, R_NEXT] = -1
-                if t <= promoted:
-                    if ovf_tail[mb] < 0:
-                        ovf_head[mb] = ev
-                    else:
-                        pool[ovf_tail[mb], R_NEXT] = ev
-                    ovf_tail[mb] = ev
-                    in_near += 1
-                elif t < now + WINDOW:
-                    b = t & MASK
-                    if tail[b] < 0:
-                        head[b] = ev
-                    else:
-                        pool[tail[b], R_NEXT] = ev
-                    tail[b] = ev
-                    in_far += 1
-                else:
-                    n_heap = _push(heap, n_heap, t, seq, ev)
+                in_near, in_far, n_heap = _queue(
+                    pool, ev, t, seq, t <= promoted, mb, now, ovf_head, ovf_tail, head, tail, heap,
+                    in_near, in_far, n_heap)
             seq += 1
         elif ev >= 0:
             pool[ev, R_NEXT] = free_head
