@@ -38,13 +38,13 @@ def compile_step(model: str, policy: str, path: str) -> dict:
                              CompileOptions(policy=policy))
     compile_s = time.perf_counter() - t0
     rss = _rss_gb()
-    prog = compiled.program
+    code = compiled.code
     t0 = time.perf_counter()
-    save_layout(prog, path, **compiled.info())
+    save_layout(code, path, **compiled.info())
     p = compiled.placements[0].region
     return dict(compile_s=compile_s, compile_rss_gb=rss, save_s=time.perf_counter() - t0,
-                layout_gb=os.path.getsize(path) / 1e9, instructions=prog.n_instructions,
-                messages=prog.n_messages, hops=prog.n_hops,
+                layout_gb=os.path.getsize(path) / 1e9, instructions=code.n_instructions,
+                messages=code.n_messages,
                 regions=f"{len(compiled.placements)}x {p.rows}x{p.cols}",
                 layers_per_region=max(q.count for q in compiled.placements))
 
@@ -55,10 +55,11 @@ def simulate_step(path: str, layers: str) -> dict:
     from wafersim.whole import simulate_layout
 
     t0 = time.perf_counter()
-    program, info = load_layout(path)
+    program, info = load_layout(path, timing_only=True)
     load_s = time.perf_counter() - t0
     s = simulate_layout(program, MeshTarget.from_dict(info["target"]), info, layers)
-    return dict(load_s=load_s, sim_wall_s=s["sim_wall_s"], events=s["events"],
+    return dict(load_s=load_s, hops=program.n_hops, sim_wall_s=s["sim_wall_s"],
+                events=s["events"],
                 events_per_s=s["events"] / s["sim_wall_s"], tokens_per_s=s["tokens_per_s"],
                 tpot_ms=s["tpot_ms"], extrapolated=s["extrapolated"], sim_rss_gb=_rss_gb())
 
@@ -92,7 +93,7 @@ def main() -> None:
                     s = _run("--step", "simulate", path, layers)
                     print(f"{model:>10} {policy:>8} {c['regions']:>15} "
                           f"{c['layers_per_region']:>5} {c['instructions'] / 1e6:5.1f}M "
-                          f"{c['hops'] / 1e6:5.1f}M {c['compile_s']:6.1f}s "
+                          f"{s['hops'] / 1e6:5.1f}M {c['compile_s']:6.1f}s "
                           f"{c['compile_rss_gb']:4.1f}G {c['layout_gb']:5.2f}G {layers:>6} "
                           f"{s['load_s']:4.1f}s {s['sim_wall_s']:5.1f}s "
                           f"{s['events'] / 1e6:5.0f}M {s['events_per_s'] / 1e6:5.1f}M "

@@ -20,19 +20,25 @@ from pathlib import Path
 import numpy as np
 
 from compiler.program import MeshProgram
+from compiler.stamp import Stamped
 
 FORMAT = "wafersim-layout"
-VERSION = 1
+VERSION = 2  # 2: a program, or a stamped program's parts (compiler.stamp)
 _SCALARS = ("width", "height", "dtype", "tensors", "meta")
+_PROGRAM_FIELDS = {f.name for f in dataclasses.fields(MeshProgram)}
 
 
 class LayoutError(ValueError):
     """A layout file that cannot be trusted."""
 
 
-def _arrays(program: MeshProgram) -> dict[str, np.ndarray]:
-    return {f.name: getattr(program, f.name) for f in dataclasses.fields(program)
+def _arrays(program: MeshProgram, prefix: str = "") -> dict[str, np.ndarray]:
+    return {prefix + f.name: getattr(program, f.name) for f in dataclasses.fields(program)
             if f.name not in _SCALARS}
+
+
+def _scalars(program: MeshProgram) -> dict:
+    return {k: getattr(program, k) for k in _SCALARS}
 
 
 def _checksum(arrays: dict[str, np.ndarray]) -> str:
@@ -46,14 +52,19 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def save_layout(program: MeshProgram, path: str | Path, **info) -> None:
-    """Write `program` to `path` atomically. `info` (JSON-able) is stored in the header."""
+def save_layout(code: MeshProgram | Stamped, path: str | Path, **info) -> None:
+    """Write a program (or a stamped program's parts, much smaller) to `path` atomically.
+    `info` (JSON-able) is stored in the header."""
     path = Path(path)
-    arrays = _arrays(program)
-    header = {
-        "format": FORMAT, "version": VERSION, "checksum": _checksum(arrays),
-        "program": {k: getattr(program, k) for k in _SCALARS}, "info": info,
-    }
+    if isinstance(code, Stamped):
+        arrays = {**_arrays(code.glue, "glue."), **_arrays(code.body, "body."),
+                  **{"stamp." + k: v for k, v in code.parts().items()}}
+        program = {"glue": _scalars(code.glue), "body": _scalars(code.body),
+                   "ports": code.ports}
+    else:
+        arrays, program = _arrays(code), _scalars(code)
+    header = {"format": FORMAT, "version": VERSION, "checksum": _checksum(arrays),
+              "stamped": isinstance(code, Stamped), "program": program, "info": info}
     fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -65,8 +76,18 @@ def save_layout(program: MeshProgram, path: str | Path, **info) -> None:
         raise
 
 
-def load_layout(path: str | Path) -> tuple[MeshProgram, dict]:
-    """Read a layout file; returns (program, info). Raises LayoutError if it is not intact."""
+def load_layout(path: str | Path, timing_only: bool = False) -> tuple[MeshProgram, dict]:
+    """Read a layout file; returns (program, info). Raises LayoutError if it is not intact.
+    `timing_only`: expand a stamped program with only what the simulator reads
+    (Stamped.expand)."""
+    code, info = load_code(path)
+    if isinstance(code, Stamped):
+        return code.expand(timing_only), info
+    return code, info
+
+
+def load_code(path: str | Path) -> tuple[MeshProgram | Stamped, dict]:
+    """Read a layout file as stored: a program or a stamped program's parts."""
     path = Path(path)
     if not path.exists():
         raise LayoutError(f"layout {path}: no such file")
@@ -87,10 +108,25 @@ def load_layout(path: str | Path) -> tuple[MeshProgram, dict]:
                           f"reads version {VERSION}; recompile the model")
     if _checksum(arrays) != header.get("checksum"):
         raise LayoutError(f"layout {path}: checksum mismatch, the file was edited or damaged")
-    fields = {f.name for f in dataclasses.fields(MeshProgram)}
-    scalars = header.get("program", {})
-    if set(arrays) | set(scalars) != fields:
-        raise LayoutError(f"layout {path}: arrays do not match the program format")
+    try:
+        scalars = header["program"]
+        if not header.get("stamped"):
+            return _program(arrays, scalars), header.get("info", {})
+        parts = {k[6:]: v for k, v in arrays.items() if k.startswith("stamp.")}
+        code = Stamped(_program(arrays, scalars["glue"], "glue."),
+                       _program(arrays, scalars["body"], "body."), int(scalars["ports"]),
+                       **parts)
+    except (KeyError, TypeError) as e:
+        raise LayoutError(f"layout {path}: arrays do not match the program format "
+                          f"({type(e).__name__} {e})") from None
+    return code, header.get("info", {})
+
+
+def _program(arrays: dict, scalars: dict, prefix: str = "") -> MeshProgram:
+    mine = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)
+            and k[len(prefix):] in _PROGRAM_FIELDS}
+    if set(mine) | set(scalars) != _PROGRAM_FIELDS:
+        raise KeyError("fields")
     scalars = dict(scalars)
     scalars["tensors"] = tuple(tuple(t) for t in scalars["tensors"])
-    return MeshProgram(**arrays, **scalars), header.get("info", {})
+    return MeshProgram(**mine, **scalars)

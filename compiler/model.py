@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import networkx as nx
 import numpy as np
@@ -47,6 +48,7 @@ from compiler.program import (
     ProgramBuilder,
     ProgramError,
 )
+from compiler.stamp import Stamped
 from compiler.targets import DTYPE_BYTES, MeshTarget
 from models.config import ModelConfig
 from models.reference import rope_angles
@@ -80,7 +82,10 @@ class Placement:
 
 @dataclass(frozen=True, eq=False)
 class CompiledModel:
-    program: MeshProgram
+    """A compiled step. `code` is what the layout file stores: the program, or (decode) its
+    stamped parts, expanded into `program` when first asked for."""
+
+    code: MeshProgram | Stamped
     model: ModelConfig
     target: MeshTarget
     options: CompileOptions
@@ -90,6 +95,14 @@ class CompiledModel:
     slots: int
     placements: tuple[Placement, ...]
     memory: dict = field(default_factory=dict)
+
+    @cached_property
+    def program(self) -> MeshProgram:
+        return self.code.expand() if isinstance(self.code, Stamped) else self.code
+
+    def timing_program(self) -> MeshProgram:
+        """What the simulator reads (Stamped.expand(timing_only=True)), not kept."""
+        return self.code.expand(True) if isinstance(self.code, Stamped) else self.code
 
     def info(self) -> dict:
         """What a layout file records next to the program."""
@@ -119,15 +132,15 @@ def compile_model(graph: nx.DiGraph, target: MeshTarget,
     rows, cols, counts = partition(cfg, target, batch, capacity, options)
     placements = place(target, rows, cols, counts)
     slots = math.ceil(capacity / cols)
-    program = lower(cfg, target.width, target.height, placements, batch, ctx, slots, options)
-    program.check(target, f"{cfg.name} {phase}")
-    sram = program.sram_per_core()
+    code = lower(cfg, target.width, target.height, placements, batch, ctx, slots, options)
+    code.check(target, f"{cfg.name} {phase}")
+    sram = code.sram_per_core()
     free = target.sram_bytes - int(sram.max())
     per_token = _kv_bytes_per_slot(cfg, rows, max(p.count for p in placements), batch)
     memory = dict(sram_max_bytes=int(sram.max()), sram_limit_bytes=target.sram_bytes,
                   sram_mean_bytes=float(sram[sram > 0].mean()),
                   max_ctx=int((slots + free // per_token) * cols) - 1)
-    return CompiledModel(program, cfg, target, options, phase, batch, ctx, slots,
+    return CompiledModel(code, cfg, target, options, phase, batch, ctx, slots,
                          tuple(placements), memory)
 
 
@@ -308,42 +321,53 @@ def place(target: MeshTarget, rows: int, cols: int, counts: list[int]) -> list[P
 # ---- lower -------------------------------------------------------------------------------
 
 def lower(cfg: ModelConfig, width: int, height: int, placements, batch: int, ctx: int,
-          slots: int, options: CompileOptions) -> MeshProgram:
-    """The per-core program of one decode step (see the module docstring)."""
-    bld = ProgramBuilder(width, height, cfg.dtype)
+          slots: int, options: CompileOptions) -> Stamped:
+    """The per-core program of one decode step (see the module docstring): the layer body
+    lowered once, on the first layer region, and stamped onto the others."""
     d, lv = cfg.hidden_size, options.levels
     kw = dict(algo=options.algo, levels=lv)
+    home = next(p.region for p in placements if p.count)
+    body = ProgramBuilder(width, height, cfg.dtype)
+    grid = home.cores(width)
+    h_in = _hidden(body, grid, d, batch)  # the ports: buffers 0.. of the body
+    h, s = attention_block(
+        body, home, h_in, batch, d, cfg.num_attention_heads, cfg.num_key_value_heads,
+        cfg.head_dim, LAYER, ctx=ctx, slots=slots, qkv_bias=cfg.qkv_bias, eps=cfg.norm_eps,
+        step=LOOP, **kw)
+    h, s = mlp_block(body, home, h, batch, d, cfg.intermediate_size, LAYER,
+                     gated=cfg.gated_mlp, act=cfg.hidden_act, eps=cfg.norm_eps, step=s, **kw)
+    _carry(body, grid, h, h_in, s)  # the next iteration reads h where this one wrote it
+    if s >= EPI:
+        raise ProgramError("layer body too long for the step ranges")
+
+    glue = ProgramBuilder(width, height, cfg.dtype)
     count = np.ones(width * height, np.int64)
     base = np.zeros(width * height, np.int64)
+    offsets, bind = [], []
     prev = None
     for k, p in enumerate(placements):
         reg = p.region
-        grid = reg.cores(width)
         if p.embed:
-            h, _ = _embed(bld, reg, cfg, batch, lv, kw)
+            h, _ = _embed(glue, reg, cfg, batch, lv, kw)
         else:
-            h = _receive(bld, prev, reg, d, batch, lv, k)
-        h_in = h
-        prev = (reg, h_in)
-        if p.count == 0:  # a region holding only a table
-            if p.head:
-                _head(bld, reg, cfg, h_in, batch, lv, kw)
-            continue
-        h, s = attention_block(
-            bld, reg, h_in, batch, d, cfg.num_attention_heads, cfg.num_key_value_heads,
-            cfg.head_dim, LAYER, ctx=ctx, slots=slots, qkv_bias=cfg.qkv_bias,
-            eps=cfg.norm_eps, step=LOOP, **kw)
-        h, s = mlp_block(bld, reg, h, batch, d, cfg.intermediate_size, LAYER,
-                         gated=cfg.gated_mlp, act=cfg.hidden_act, eps=cfg.norm_eps, step=s, **kw)
-        # The next iteration reads h where this one wrote it.
-        _carry(bld, grid, h, h_in, s)
-        if s >= EPI:
-            raise ProgramError("layer body too long for the step ranges")
-        count[grid.ravel()] = p.count
-        base[grid.ravel()] = p.first
+            h = _receive(glue, prev, reg, d, batch, lv, k)
+        prev = (reg, h)
+        if p.count:
+            cores = reg.cores(width)
+            offsets.append(int(cores[0, 0] - grid[0, 0]))
+            bind.append(np.asarray(h).ravel())
+            count[cores.ravel()], base[cores.ravel()] = p.count, p.first
         if p.head:
-            _head(bld, reg, cfg, h_in, batch, lv, kw)
-    return bld.build(loop=(LOOP, EPI, count, base))
+            _head(glue, reg, cfg, h, batch, lv, kw)
+    glue = glue.build(loop=(LOOP, EPI, count, base))
+    return Stamped(glue, body.build(), h_in.size, np.array(offsets, np.int64),
+                   np.array(bind, np.int32), glue.loop_count, glue.loop_base)
+
+
+def _hidden(bld, grid, d: int, batch: int) -> np.ndarray:
+    """The hidden state's buffers on a region: [rows, cols], columns split over d."""
+    rows, cols = grid.shape
+    return bld.buffers(grid.ravel(), batch, np.tile(split(d, cols)[1], rows)).reshape(grid.shape)
 
 
 def _carry(bld, grid, h_out, h_in, step):
@@ -387,7 +411,7 @@ def _receive(bld, prev, reg: Region, d: int, batch: int, levels: int, k: int):
     nbytes = np.ceil(batch * cs * DTYPE_BYTES[bld.dtype]).astype(np.int64)
     msgs = bld.messages(src, dst, nbytes, levels + 3)
     bld.send(src, EPI, msgs, np.asarray(h_prev)[rs, np.arange(cols)])
-    h = bld.buffers(grid.ravel(), batch, np.tile(cs, rows)).reshape(grid.shape)
+    h = _hidden(bld, grid, d, batch)
     bld.recv(dst, 0, msgs, h[rd, np.arange(cols)])
     # Broadcast down (and up) each column from the receiving row.
     for r in np.unique(rd):

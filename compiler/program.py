@@ -94,8 +94,8 @@ class MeshProgram:
     ins_a: np.ndarray  # int32 buffer id: COMPUTE operand a; SEND source
     ins_b: np.ndarray  # int32 buffer id: COMPUTE operand b
     ins_c: np.ndarray  # int32 buffer id: COMPUTE result; RECV destination
-    ins_flops: np.ndarray  # int64
-    ins_bytes: np.ndarray  # int64 SRAM bytes read + written
+    ins_flops: np.ndarray  # int32
+    ins_bytes: np.ndarray  # int32 SRAM bytes read + written
     ins_arg: np.ndarray  # int64: SEND message id; RECV route entry
     ins_imm: np.ndarray  # float64[n, 2]: immediates of COMPUTE ops (rsqrt's scale and eps)
     # messages
@@ -144,22 +144,10 @@ class MeshProgram:
     def looped(self) -> bool:
         return bool(len(self.loop_count)) and bool(np.any(self.loop_count > 1))
 
-    def ins_repeats(self) -> np.ndarray:
-        """How many times each instruction runs (its core's loop count inside the loop)."""
-        reps = np.ones(self.n_instructions, dtype=np.int64)
-        if len(self.loop_count):
-            core = np.repeat(np.arange(self.cores), np.diff(self.core_ptr))
-            i = np.arange(self.n_instructions)
-            inside = (i >= self.loop_start[core]) & (i < self.loop_end[core])
-            reps[inside] = self.loop_count[core[inside]]
-        return reps
-
-    def msg_repeats(self) -> np.ndarray:
-        """How many times each message is sent."""
-        send = self.ins_kind == SEND
-        reps = np.zeros(self.n_messages, dtype=np.int64)
-        reps[self.ins_arg[send]] = self.ins_repeats()[send]
-        return reps
+    def require_buffers(self, what: str) -> None:
+        if self.meta.get("timing_only"):
+            raise ProgramError(f"{what} needs the program's buffers; this program was loaded "
+                               "for timing only")
 
     def templated(self) -> np.ndarray:
         """Per buffer: its tensor is per loop iteration (a layer's weight or cache)."""
@@ -183,6 +171,7 @@ class MeshProgram:
     def sram_per_core(self) -> np.ndarray:
         """Bytes each core holds: every buffer lives for the whole program; a per-layer buffer
         (weights, cache) once per layer of its core's loop, scratch once (reused)."""
+        self.require_buffers("SRAM per core")
         size = self.buffer_bytes()
         if len(self.loop_count):
             size = np.where(self.templated(), size * self.loop_count[self.buf_core], size)
@@ -190,29 +179,37 @@ class MeshProgram:
 
     def colours_per_core(self) -> np.ndarray:
         """Distinct routing colours each router carries (source, transit or destination)."""
-        if not self.n_messages:
-            return np.zeros(self.cores, dtype=np.int64)
-        return _colours_per_core(self.msg_src, self.msg_colour, self.route_ptr, self.route_link,
-                                 self.width, self.cores, int(self.msg_colour.max()) + 1)
+        return self.colours_used().sum(axis=1)
+
+    def colours_used(self) -> np.ndarray:
+        """bool[cores, colours]: which colours each router carries."""
+        n = int(self.msg_colour.max()) + 1 if self.n_messages else 0
+        return _colours_used(self.msg_src, self.msg_colour, self.route_ptr, self.route_link,
+                             self.width, self.cores, n)
 
     def check(self, target: MeshTarget, what: str = "program") -> None:
         """Refuse a program that breaks the target's per-core SRAM or colour limits."""
-        if self.width > target.width or self.height > target.height:
-            raise ProgramError(f"{what} needs a {self.width}x{self.height} mesh, target "
-                               f"{target.name} has {target.width}x{target.height}")
-        sram = self.sram_per_core()
-        worst = int(np.argmax(sram)) if len(sram) else 0
-        if len(sram) and sram[worst] > target.sram_bytes:
-            x, y = worst % self.width, worst // self.width
-            raise ProgramError(
-                f"{what} needs {sram[worst]:,} B of SRAM on core ({x},{y}), "
-                f"{target.name} cores have {target.sram_bytes:,} B")
-        colours = self.colours_per_core()
-        worst = int(np.argmax(colours)) if len(colours) else 0
-        if len(colours) and colours[worst] > target.colours:
-            x, y = worst % self.width, worst // self.width
-            raise ProgramError(f"{what} routes {colours[worst]} colours through core ({x},{y}), "
-                               f"{target.name} routers have {target.colours}")
+        check_limits(self.width, self.height, self.sram_per_core(), self.colours_per_core(),
+                     target, what)
+
+
+def check_limits(width: int, height: int, sram: np.ndarray, colours: np.ndarray,
+                 target: MeshTarget, what: str) -> None:
+    """Refuse per-core SRAM bytes or colour counts above the target's limits, naming the core."""
+    if width > target.width or height > target.height:
+        raise ProgramError(f"{what} needs a {width}x{height} mesh, target "
+                           f"{target.name} has {target.width}x{target.height}")
+    worst = int(np.argmax(sram)) if len(sram) else 0
+    if len(sram) and sram[worst] > target.sram_bytes:
+        x, y = worst % width, worst // width
+        raise ProgramError(
+            f"{what} needs {sram[worst]:,} B of SRAM on core ({x},{y}), "
+            f"{target.name} cores have {target.sram_bytes:,} B")
+    worst = int(np.argmax(colours)) if len(colours) else 0
+    if len(colours) and colours[worst] > target.colours:
+        x, y = worst % width, worst // width
+        raise ProgramError(f"{what} routes {colours[worst]} colours through core ({x},{y}), "
+                           f"{target.name} routers have {target.colours}")
 
 
 def link_dst(links: np.ndarray, width: int) -> np.ndarray:
@@ -224,7 +221,7 @@ def link_dst(links: np.ndarray, width: int) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _colours_per_core(msg_src, msg_colour, route_ptr, route_link, width, cores, n_colours):
+def _colours_used(msg_src, msg_colour, route_ptr, route_link, width, cores, n_colours):
     used = np.zeros((cores, n_colours), np.bool_)
     step = np.array([1, -1, -width, width], np.int64)
     for m in range(msg_src.shape[0]):
@@ -233,11 +230,7 @@ def _colours_per_core(msg_src, msg_colour, route_ptr, route_link, width, cores, 
         for e in range(route_ptr[m], route_ptr[m + 1]):
             link = np.int64(route_link[e])
             used[link // 4 + step[link % 4], col] = True
-    out = np.zeros(cores, np.int64)
-    for c in range(cores):
-        for col in range(n_colours):
-            out[c] += used[c, col]
-    return out
+    return used
 
 
 def xy_routes(src: np.ndarray, dst: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -462,6 +455,10 @@ class ProgramBuilder:
             coef[code] = row
         _default_costs(kind, op, a, b, c, buf[1], buf[2], coef, float(DTYPE_BYTES[self.dtype]),
                        flops, nbytes)
+        if n and max(flops.max(), nbytes.max()) >= 2**31:
+            raise ProgramError("an instruction of more than 2**31 FLOPs or SRAM bytes (a tile "
+                               "larger than any core's SRAM)")
+        flops, nbytes = flops.astype(np.int32), nbytes.astype(np.int32)
         return MeshProgram(
             width=self.width, height=self.height, dtype=self.dtype, core_ptr=core_ptr,
             ins_kind=kind, ins_op=op, ins_a=a, ins_b=b, ins_c=c, ins_flops=flops,

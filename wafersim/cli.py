@@ -195,8 +195,8 @@ def compile_cmd(
     compiled = compile_model(graph, tgt, options)
     wall = time.perf_counter() - t0
     if output:
-        save_layout(compiled.program, output, **compiled.info())
-    prog, mem = compiled.program, compiled.memory
+        save_layout(compiled.code, output, **compiled.info())
+    prog, mem = compiled.code, compiled.memory
     summary = {"system": tgt.name, "model": cfg.name, "phase": phase, "batch": batch,
                "ctx": ctx, "fits": True, "policy": policy, "algo": algo,
                "regions": len(compiled.placements),
@@ -237,7 +237,7 @@ def simulate_cmd(
     from compiler.targets import MeshTarget
     from wafersim.whole import simulate_layout
 
-    program, info = load_layout(layout)
+    program, info = load_layout(layout, timing_only=True)
     if "target" not in info:
         raise ValueError(f"{layout}: not a whole-model layout (no target recorded)")
     tgt = MeshTarget.from_dict(info["target"])

@@ -87,7 +87,7 @@ def wafer_side(graph, target: MeshTarget, layers: str, options: CompileOptions) 
         return not_run(target.name, name, phase, batch, ctx,
                        "the compiler ran out of host memory building the layout")
     compile_wall = time.perf_counter() - t0
-    summary = simulate_layout(compiled.program, target, compiled.info(), layers)
+    summary = simulate_layout(compiled.timing_program(), target, compiled.info(), layers)
     summary.update(reason=None, compile_wall_s=compile_wall)
     return summary
 

@@ -28,6 +28,7 @@ def execute(program: MeshProgram, inputs: dict[str, np.ndarray], dtype=np.float3
     cache, written) as "layers.3.q" in iteration 3 - loop_base of a core. Scratch buffers are
     shared by the iterations, as on the wafer.
     """
+    program.require_buffers("functional execution")
     shapes = {}
     for name, rows, cols in program.tensors:
         shapes[name] = (rows, cols)

@@ -34,6 +34,7 @@ class SimResult:
     events: int
     sim_wall_s: float
     flops: int
+    sram_bytes: int = 0  # read and written by compute
     meta: dict = field(default_factory=dict)
 
     @property

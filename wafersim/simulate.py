@@ -212,21 +212,24 @@ def _encode(core_ptr, ins_kind, ins_flops, ins_bytes, ins_arg, rate, sram_bytes_
 
 
 @numba.njit(cache=True, nogil=True)
-def _tally(core_ptr, ins_kind, ins_arg, ins_flops, loop_start, loop_end, loop_count, route_ptr,
-           route_link, msg_bytes, link_bytes_per_cycle, n_links):
-    """Totals with loop repeats: (messages sent, hops, FLOPs, bytes and busy cycles per link)."""
+def _tally(core_ptr, ins_kind, ins_arg, ins_flops, ins_bytes, loop_start, loop_end, loop_count,
+           route_ptr, route_link, msg_bytes, link_bytes_per_cycle, n_links):
+    """Totals with loop repeats: (messages sent, hops, FLOPs, SRAM bytes of compute, bytes and
+    busy cycles per link)."""
     n_cores = core_ptr.shape[0] - 1
     link_bytes = np.zeros(n_links, np.int64)
     link_busy = np.zeros(n_links, np.int64)
     messages = 0
     hops = 0
     flops = 0
+    sram = 0
     for c in range(n_cores):
         for i in range(core_ptr[c], core_ptr[c + 1]):
             reps = np.int64(loop_count[c]) if loop_start[c] <= i < loop_end[c] else np.int64(1)
             kind = ins_kind[i]
             if kind == COMPUTE:
                 flops += reps * np.int64(ins_flops[i])
+                sram += reps * np.int64(ins_bytes[i])
             elif kind == SEND:
                 m = ins_arg[i]
                 messages += reps
@@ -237,7 +240,18 @@ def _tally(core_ptr, ins_kind, ins_arg, ins_flops, loop_start, loop_end, loop_co
                     link = route_link[e]
                     link_bytes[link] += nbytes
                     link_busy[link] += ser
-    return messages, hops, flops, link_bytes, link_busy
+    return messages, hops, flops, sram, link_bytes, link_busy
+
+
+def totals(program: MeshProgram, target: MeshTarget) -> dict:
+    """What one run of `program` does, every loop iteration counted: messages, hops, FLOPs,
+    SRAM bytes read and written by compute, and bytes and busy cycles per link."""
+    keys = ("messages", "hops", "flops", "sram_bytes", "link_bytes", "link_busy")
+    return dict(zip(keys, _tally(
+        np.asarray(program.core_ptr, np.int64), program.ins_kind, program.ins_arg,
+        program.ins_flops, program.ins_bytes, *_loops(program), program.route_ptr,
+        program.route_link, program.msg_bytes, float(target.link_bytes_per_cycle),
+        program.cores * 4)))
 
 
 def _loops(program: MeshProgram):
@@ -308,17 +322,16 @@ def simulate(program: MeshProgram, target: MeshTarget, max_events: int | None = 
                               "iteration's copy was received; simulate the layers unrolled")
     if status == FULL:
         raise SimulationError("the engine's event pool is full (a loop runs far ahead)")
-    messages, hops, flops, link_bytes, link_busy = _tally(
-        args[0], program.ins_kind, program.ins_arg, program.ins_flops, *_loops(program),
-        program.route_ptr, program.route_link, program.msg_bytes,
-        float(target.link_bytes_per_cycle), program.cores * 4)
+    tot = totals(program, target)
     return SimResult(
         system=target.name, width=program.width, height=program.height,
         clock_hz=target.clock_hz, makespan_cycles=int(core_time.max(initial=0)),
         core_busy=busy, core_overhead=overhead, core_wait=wait,
         core_active=np.diff(program.core_ptr) > 0,
-        link_bytes=link_bytes, link_busy=link_busy, messages=int(messages), hops=int(hops),
-        events=int(events), sim_wall_s=wall, flops=int(flops), meta=dict(program.meta),
+        link_bytes=tot["link_bytes"], link_busy=tot["link_busy"],
+        messages=int(tot["messages"]), hops=int(tot["hops"]), events=int(events),
+        sim_wall_s=wall, flops=int(tot["flops"]), sram_bytes=int(tot["sram_bytes"]),
+        meta=dict(program.meta),
     )
 
 

@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 
-from compiler.program import COMPUTE, MeshProgram
+from compiler.program import MeshProgram
 from compiler.targets import MeshTarget
-from wafersim.simulate import simulate
+from wafersim.simulate import simulate, totals
 
 LAYER_MODES = ("all", "one")
 
@@ -53,14 +53,13 @@ def simulate_layout(program: MeshProgram, target: MeshTarget, info: dict,
     last = int(np.argmax(res.core_busy + res.core_overhead + res.core_wait))
     span = max(res.makespan_cycles, 1)
     active = max(int(res.core_active.sum()), 1)
-    compute, reps = program.ins_kind == COMPUTE, program.ins_repeats()
-    flops = float((program.ins_flops * reps)[compute].sum())  # the whole step, every layer
-    sram_bytes = float((program.ins_bytes * reps)[compute].sum())
-    reps_m = program.msg_repeats()
-    hops = np.diff(program.route_ptr)
+    tot = totals(program, target) if extrapolated else dict(  # the whole step, every layer
+        flops=res.flops, sram_bytes=res.sram_bytes, messages=res.messages, hops=res.hops,
+        link_bytes=res.link_bytes)
+    flops, sram_bytes = float(tot["flops"]), float(tot["sram_bytes"])
     summary.update(
-        flops=flops, messages=int(reps_m.sum()), hops=int((hops * reps_m).sum()),
-        onchip_bytes=int((program.msg_bytes * hops * reps_m).sum()),
+        flops=flops, messages=int(tot["messages"]), hops=int(tot["hops"]),
+        onchip_bytes=int(tot["link_bytes"].sum()),
         achieved_flops_per_s=flops / seconds,
         makespan_s=seconds, makespan_cycles=int(makespan), tokens_per_s=tokens / seconds,
         tpot_ms=seconds * 1e3 if phase == "decode" else None,
