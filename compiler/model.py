@@ -14,12 +14,15 @@ Passes (pure functions; the data flows top to bottom):
   "layers.{l}.*"), so the layers are identical by construction and the loop is the proof;
 - `check`: SRAM per core (weights and caches once per layer of the loop), colours per router.
 
-Policies:
-- "waferllm" (default, WaferLLM's wafer-scale placement): regions holding stacks of consecutive
-  layers whose GEMVs use the whole region, as large as memory allows (fewest regions), so each
-  GEMV gets as many cores as possible.
+Policies (each searches the grids of equal regions that tile the wafer and fit its SRAM):
+- "waferllm" (default): the shape with the least estimated step time (compiler.estimate, in
+  closed form from the target's constants and the lowering's message pattern), as WaferLLM
+  sweeps its grid size P for the fastest. At batch 1 a larger region gives each GEMV more
+  cores but longer reductions, so the best shape lies in between (LLaMA-3-8B on WSE-2:
+  8 regions of 497x187 with 4 layers each).
 - "pipeline": as many regions as fit (at most one per layer, plus one for each vocabulary table
   where a table needs a region of its own), so layers are stacked as little as possible.
+- "largest": the largest regions that fit (fewest regions, most stacking).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from compiler.algorithms.meshgemm import GEMM_ALGOS
 from compiler.algorithms.meshgemv import GEMV_ALGOS, gemv
 from compiler.algorithms.mlp import ACTIVATIONS, mlp_block
 from compiler.algorithms.norm import rmsnorm
+from compiler.estimate import step_cycles
 from compiler.program import (
     INPUT,
     OP_ARGMAX,
@@ -53,7 +57,7 @@ from compiler.targets import DTYPE_BYTES, MeshTarget
 from models.config import ModelConfig
 from models.reference import rope_angles
 
-POLICIES = ("waferllm", "pipeline")
+POLICIES = ("waferllm", "pipeline", "largest")
 LAYER = "layers.{l}"
 LOOP, EPI = 1_000_000, 2_000_000  # step ranges: prologue < LOOP <= layer loop < EPI <= epilogue
 
@@ -262,14 +266,16 @@ def forced_regions(target: MeshTarget, rows: int, cols: int, layers: int) -> int
 
 
 def policy_key(policy: str, counts: list[int], size: int) -> tuple:
-    """Larger is better. waferllm: the largest regions; pipeline: the least stacking, then
-    the largest."""
-    return (size,) if policy == "waferllm" else (-max(counts), size)
+    """Larger is better. largest: the largest regions; pipeline: the least stacking, then
+    the largest. (waferllm ranks by estimated time; see `partition`.)"""
+    return (size,) if policy == "largest" else (-max(counts), size)
 
 
 def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
               options: CompileOptions) -> tuple[int, int, list[int]]:
-    """(rows, cols, layers per region) of the policy: the largest regions that fit."""
+    """(rows, cols, layers per region) of the policy, among the grids of regions that tile the
+    wafer and fit its SRAM. waferllm: the least estimated step time (compiler.estimate, in
+    closed form from the target and the lowering, as WaferLLM sweeps its grid size P)."""
     L = cfg.num_hidden_layers
     if options.region is not None:
         rows, cols = options.region
@@ -279,7 +285,7 @@ def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
             raise ProgramError(f"{cfg.name} does not fit {n} regions of {rows}x{cols} (rows x "
                                f"cols) cores: {target.sram_bytes:,} B of SRAM per core")
         return rows, cols, counts
-    best = None  # (key, rows, cols, counts)
+    candidates = {}
     for gr in range(1, L + 3):
         for gc in range(1, L + 3):
             n = min(gr * gc, L + 2)
@@ -289,16 +295,24 @@ def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
                 continue
             counts = _counts(cfg, target, rows, cols, n, batch, capacity)
             if counts:
-                key = policy_key(options.policy, counts, rows * cols)
-                if best is None or key > best[0]:
-                    best = (key, rows, cols, counts)
-    if best:
-        return best[1:]
-    need = (L * layer_bytes(cfg, 1, 1, batch, capacity) + 2 * table_bytes(cfg, 1, 1))
-    raise ProgramError(
-        f"{cfg.name} does not fit {target.name} with policy {options.policy}: it needs about "
-        f"{need / (target.width * target.height * 1e3):.1f} KB per core over all "
-        f"{target.width * target.height:,} cores, which have {target.sram_bytes / 1e3:.0f} KB")
+                candidates[rows, cols, tuple(counts)] = None
+    if not candidates:
+        need = (L * layer_bytes(cfg, 1, 1, batch, capacity) + 2 * table_bytes(cfg, 1, 1))
+        raise ProgramError(
+            f"{cfg.name} does not fit {target.name} with policy {options.policy}: it needs "
+            f"about {need / (target.width * target.height * 1e3):.1f} KB per core over all "
+            f"{target.width * target.height:,} cores, which have {target.sram_bytes / 1e3:.0f} KB")
+
+    def key(c):
+        rows, cols, counts = c
+        if options.policy != "waferllm":
+            return policy_key(options.policy, list(counts), rows * cols)
+        slots = math.ceil(capacity / cols)
+        return (-step_cycles(cfg, target, rows, cols, list(counts), batch, slots, options.algo,
+                             options.levels), -len(counts))
+
+    rows, cols, counts = max(candidates, key=key)
+    return rows, cols, list(counts)
 
 
 # ---- place -------------------------------------------------------------------------------

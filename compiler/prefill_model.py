@@ -178,12 +178,15 @@ def partition_prefill(cfg: ModelConfig, target: MeshTarget, seq: int, options,
                                f" regions of {rows}x{cols} cores: {target.sram_bytes:,} B of "
                                "SRAM per core")
         return rows, cols, counts
+    # Prefill's GEMMs are compute-bound: waferllm takes the largest grids (as WaferLLM's
+    # prefill runs on its largest P).
+    policy = "largest" if options.policy == "waferllm" else options.policy
     best = None
     for s in range(1, min(target.height, target.width, smax) + 1):
         n = min((target.height // s) * (target.width // s), L + 2)
         counts = _prefill_counts(cfg, target, s, n, seq, algo)
         if counts:
-            key = policy_key(options.policy, counts, s)
+            key = policy_key(policy, counts, s)
             if best is None or key > best[0]:
                 best = (key, s, s, counts)
     if best:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from compiler.model import CompileOptions, compile_model, pack_inputs
+from compiler.model import POLICIES, CompileOptions, compile_model, pack_inputs
 from compiler.prefill_model import unpack_caches
 from compiler.program import ProgramError
 from compiler.targets import load_target
@@ -67,12 +69,18 @@ def test_unsupported_models_are_refused():
         compile_model(build_graph(load_model("tiny-gpt2"), "prefill", seq_len=8), MESH)
 
 
-def test_default_policy_is_at_least_as_fast_as_pipeline():
-    graph = build_graph(CFG, "decode", ctx_len=64)
-    mesh = load_target("test16x16")
-    times = {p: simulate(compile_model(graph, mesh, CompileOptions(policy=p)).program,
-                         mesh).makespan_cycles for p in ("waferllm", "pipeline")}
-    assert times["waferllm"] <= times["pipeline"]
+@pytest.mark.parametrize("cfg,mesh", [
+    (CFG, load_target("test16x16")),
+    (CFG, load_target("test32x32")),
+    # LLaMA-3-8B's layer shape, 3 layers, on a 96x128 mesh with room for them
+    (dataclasses.replace(load_model("llama3-8b"), num_hidden_layers=3),
+     dataclasses.replace(load_target("wse2").with_mesh(128, 96), sram_bytes=1 << 20)),
+])
+def test_default_policy_is_at_least_as_fast_as_every_alternative(cfg, mesh):
+    graph = build_graph(cfg, "decode", ctx_len=64)
+    times = {p: simulate(compile_model(graph, mesh, CompileOptions(policy=p)).timing_program(),
+                         mesh).makespan_cycles for p in POLICIES}
+    assert times["waferllm"] == min(times.values()), times
 
 
 def test_meshgemv_k_trees_beat_ring_reductions_in_the_whole_model():

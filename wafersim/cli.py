@@ -171,7 +171,8 @@ def compile_cmd(
     ctx: int = typer.Option(4096, "--ctx",
                             help="Tokens already in the KV cache (prefill: the prompt length)."),
     capacity: int = typer.Option(0, "--capacity", help="KV tokens the cache holds (0: ctx+1)."),
-    policy: str = typer.Option("waferllm", "--policy", help="waferllm or pipeline."),
+    policy: str = typer.Option("waferllm", "--policy",
+                               help="waferllm (fastest estimated), pipeline or largest."),
     region: str = typer.Option("", "--region", help="Force every region to ROWSxCOLS cores."),
     algo: str = typer.Option("meshgemv", "--algo",
                              help="GEMV reductions: meshgemv (K-tree) or ring (pipeline)."),
@@ -265,8 +266,9 @@ def compare(
     layers: str = typer.Option("all", "--layers",
                                help="Wafer: all layers simulated, or one per region "
                                     "extrapolated."),
-    policy: str = typer.Option("waferllm", "--policy", help="Wafer placement: waferllm or "
-                                                            "pipeline."),
+    policy: str = typer.Option("waferllm", "--policy", help="Wafer placement: waferllm "
+                                                            "(fastest estimated), pipeline or "
+                                                            "largest."),
     region: str = typer.Option("", "--region", help="Force every wafer region to ROWSxCOLS."),
     csv_path: str = typer.Option("", "--csv", help="Also write the table rows to this CSV."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
