@@ -143,7 +143,8 @@ def compile_model(graph: nx.DiGraph, target: MeshTarget,
     per_token = _kv_bytes_per_slot(cfg, rows, max(p.count for p in placements), batch)
     memory = dict(sram_max_bytes=int(sram.max()), sram_limit_bytes=target.sram_bytes,
                   sram_mean_bytes=float(sram[sram > 0].mean()),
-                  max_ctx=int((slots + free // per_token) * cols) - 1)
+                  max_ctx=int((slots + free // per_token) * cols) - 1,
+                  max_batch=max_batch(cfg, target, rows, cols, len(counts), capacity, batch))
     return CompiledModel(code, cfg, target, options, phase, batch, ctx, slots,
                          tuple(placements), memory)
 
@@ -254,6 +255,22 @@ def _counts(cfg, target, rows, cols, n, batch, capacity):
     if max(extra) > limit:
         return None
     return distribute(cfg.num_hidden_layers, [int((limit - e) // per) for e in extra])
+
+
+def max_batch(cfg: ModelConfig, target: MeshTarget, rows: int, cols: int, n: int,
+              capacity: int, batch: int) -> int:
+    """The largest batch whose KV caches and activations fit n regions of rows x cols at this
+    capacity, by the partition's estimate (at least `batch`, which was checked exactly)."""
+    def fits(b):
+        return _counts(cfg, target, rows, cols, n, b, capacity) is not None
+
+    lo, hi = batch, 2 * batch
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def forced_regions(target: MeshTarget, rows: int, cols: int, layers: int) -> int:

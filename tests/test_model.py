@@ -57,6 +57,14 @@ def test_memory_is_reported_and_checked():
     mem = compiled.memory
     assert 0 < mem["sram_max_bytes"] <= mem["sram_limit_bytes"]
     assert mem["max_ctx"] >= 8
+    assert mem["max_batch"] >= 1
+    # The batch it reports compiles on the same placement; twice it does not fit.
+    big = compile_model(build_graph(CFG, "decode", batch=mem["max_batch"], ctx_len=8), MESH)
+    assert len(big.placements) == len(compiled.placements)
+    with pytest.raises(ProgramError, match="does not fit|SRAM"):
+        compile_model(build_graph(CFG, "decode", batch=2 * mem["max_batch"] + 2, ctx_len=8),
+                      MESH, CompileOptions(region=(compiled.placements[0].region.rows,
+                                                   compiled.placements[0].region.cols)))
     tiny_sram = MESH.__class__(**{**vars(MESH), "sram_bytes": 2048})
     with pytest.raises(ProgramError, match="does not fit"):
         compile_model(build_graph(CFG, "decode", ctx_len=8), tiny_sram)

@@ -205,7 +205,8 @@ def compile_cmd(
                          f"{compiled.placements[0].region.cols}",
                "layers_per_region": [p.count for p in compiled.placements],
                "sram_max_bytes": mem["sram_max_bytes"], "sram_limit_bytes": tgt.sram_bytes,
-               "max_ctx": mem["max_ctx"], "instructions": prog.n_instructions,
+               "max_ctx": mem["max_ctx"], "max_batch": mem.get("max_batch"),
+               "instructions": prog.n_instructions,
                "messages": prog.n_messages, "compile_wall_s": wall, "layout": output or None}
     if as_json:
         emit(summary)

@@ -78,6 +78,7 @@ def simulate_layout(program: MeshProgram, target: MeshTarget, info: dict,
         regions=len(info["placements"]),
         layers_per_region=[p["count"] for p in info["placements"]],
         sram_max_bytes=info["memory"]["sram_max_bytes"], max_ctx=info["memory"]["max_ctx"],
+        max_batch=info["memory"].get("max_batch"),
         active_cores=active,
     )
     return summary
