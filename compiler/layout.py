@@ -1,8 +1,9 @@
 """Layout files: a MeshProgram (and what it was made for) saved for users to keep.
 
-Format: a numpy `.npz` archive holding the program's arrays plus one `header` entry, a JSON
-document with the format name and version, the program's scalar fields, free metadata (the
-model and target it was compiled for) and a SHA-256 checksum over every array. Loading refuses
+Format: a numpy `.npz` archive holding the program's arrays (or a stamped program's parts) plus
+one `header` entry, a JSON document with the format name and version, the program's scalar
+fields, free metadata (the model and target it was compiled for) and a SHA-256 checksum over
+every array and every other header field. Loading refuses
 a foreign, truncated, edited or incompatible file with a one-line `LayoutError`. Writing goes to
 a temporary file that is renamed into place, so a crash mid-write never leaves a loadable file.
 """
@@ -41,8 +42,11 @@ def _scalars(program: MeshProgram) -> dict:
     return {k: getattr(program, k) for k in _SCALARS}
 
 
-def _checksum(arrays: dict[str, np.ndarray]) -> str:
+def _checksum(arrays: dict[str, np.ndarray], header: dict) -> str:
+    """SHA-256 over every array (name, dtype, shape, bytes) and the header's other fields."""
     h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in header.items() if k != "checksum"},
+                        sort_keys=True).encode())
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(name.encode())
@@ -63,8 +67,10 @@ def save_layout(code: MeshProgram | Stamped, path: str | Path, **info) -> None:
                    "ports": code.ports}
     else:
         arrays, program = _arrays(code), _scalars(code)
-    header = {"format": FORMAT, "version": VERSION, "checksum": _checksum(arrays),
-              "stamped": isinstance(code, Stamped), "program": program, "info": info}
+    header = {"format": FORMAT, "version": VERSION, "stamped": isinstance(code, Stamped),
+              "program": program, "info": info}
+    header = json.loads(json.dumps(header))  # as it will read back (tuples become lists)
+    header["checksum"] = _checksum(arrays, header)
     fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -106,7 +112,7 @@ def load_code(path: str | Path) -> tuple[MeshProgram | Stamped, dict]:
     if header.get("version") != VERSION:
         raise LayoutError(f"layout {path}: format version {header.get('version')}, this wafersim "
                           f"reads version {VERSION}; recompile the model")
-    if _checksum(arrays) != header.get("checksum"):
+    if _checksum(arrays, header) != header.get("checksum"):
         raise LayoutError(f"layout {path}: checksum mismatch, the file was edited or damaged")
     try:
         scalars = header["program"]
