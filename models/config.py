@@ -222,6 +222,8 @@ def _hf_fields(d: Mapping[str, Any], name: str, where: str) -> tuple[dict, dict]
     model_type = d.get("model_type")
     if model_type is None:  # old configs: infer from e.g. "LlamaForCausalLM"
         archs = d.get("architectures") or [""]
+        if not isinstance(archs, list):
+            raise ConfigError(f"{where}: architectures={archs!r} must be a list of names")
         model_type = next((t for t in MODEL_TYPES if str(archs[0]).lower().startswith(t)), None)
         if model_type is None:
             raise ConfigError(f"{where}: missing field 'model_type'")

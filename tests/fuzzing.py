@@ -30,6 +30,7 @@ def mutated_config(draw) -> dict:
     """tiny-llama's config.json with one to three fields deleted or set to odd values."""
     d = dict(TINY_LLAMA)
     keys = sorted(d) + ["head_dim", "attention_bias", "rope_scaling", "n_embd"]
+    keys = keys + ["model_type", "architectures"] * 3  # the fields that pick the parser
     for key in draw(st.lists(st.sampled_from(keys), min_size=1, max_size=3, unique=True)):
         value = draw(st.sampled_from(WEIRD))
         if value is None:

@@ -191,6 +191,8 @@ def test_explicit_head_dim_overrides_hidden_over_heads():
         ),
         (TINY_LLAMA, {"torch_dtype": "float8"}, "torch_dtype='float8' is not one of"),
         (TINY_LLAMA, {"model_type": "falcon"}, "model_type='falcon' is not one of"),
+        (TINY_LLAMA, {"model_type": None, "architectures": 7},
+         "architectures=7 must be a list of names"),
         (TINY_LLAMA, {"rms_norm_eps": 0}, "rms_norm_eps=0 must be a number > 0"),
         (TINY_LLAMA, {"tie_word_embeddings": 1}, "tie_word_embeddings=1 must be true or false"),
         (TINY_LLAMA, {"head_dim": 15}, "head_dim=15 must be even for rope"),
