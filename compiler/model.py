@@ -1,5 +1,12 @@
 """compile_model: a whole decoder-only model's decode step, placed on a wafer.
 
+Decode covers the LLaMA family (RMSNorm, RoPE, GQA, SwiGLU, optional q/k/v bias) and GPT-2
+style models (LayerNorm with bias, learned absolute positions whose row for position ctx is
+looked up from a table split like the embedding's and added to the token's row, no RoPE,
+biases on every projection, a plain GELU MLP, tied or separate LM head: a tied head is stored
+as its own copy, embed.T, on the last region). Prefill lowers the LLaMA family only; BERT, an
+encoder, is refused.
+
 (A prefill graph, one prompt of batch 1, goes to compiler.prefill_model: the same placement
 with prefill's 2D activation tiles and GEMMs; see its docstring.)
 
@@ -39,14 +46,16 @@ from compiler.algorithms.attention import attention_block, head_layout, pack_cac
 from compiler.algorithms.common import Region, split
 from compiler.algorithms.meshgemm import GEMM_ALGOS
 from compiler.algorithms.meshgemv import GEMV_ALGOS, gemv
-from compiler.algorithms.mlp import ACTIVATIONS, mlp_block
-from compiler.algorithms.norm import rmsnorm
+from compiler.algorithms.mlp import ACTIVATIONS, mlp_block, model_activation
+from compiler.algorithms.norm import norm
 from compiler.estimate import step_cycles
 from compiler.program import (
     INPUT,
+    OP_ADD,
     OP_ARGMAX,
     OP_ARGMAX2,
     OP_COPY,
+    OP_FILL,
     OUTPUT,
     MeshProgram,
     ProgramBuilder,
@@ -59,7 +68,8 @@ from models.reference import rope_angles
 
 POLICIES = ("waferllm", "pipeline", "largest")
 LAYER = "layers.{l}"
-LOOP, EPI = 1_000_000, 2_000_000  # step ranges: prologue < LOOP <= layer loop < EPI <= epilogue
+LOOP, EPI = 1_000_000, 2_000_000  # steps: prologue < LOOP <= layer loop < EPI <= epilogue
+RETRIES = 4  # placements tried when the exact SRAM check refuses the estimate's choice
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,9 @@ def compile_model(graph: nx.DiGraph, target: MeshTarget,
     cfg: ModelConfig = graph.graph["cfg"]
     phase, batch, ctx = graph.graph["phase"], graph.graph["batch"], graph.graph["ctx_len"]
     _check_supported(cfg, phase, options)
+    if cfg.position == "learned" and ctx + 1 > cfg.max_position_embeddings:
+        raise ProgramError(f"{cfg.name}: position {ctx} is past the learned position table's "
+                           f"{cfg.max_position_embeddings} rows (max_position_embeddings)")
     if phase == "prefill":
         from compiler.prefill_model import compile_prefill
 
@@ -133,11 +146,21 @@ def compile_model(graph: nx.DiGraph, target: MeshTarget,
     if capacity < ctx + 1:
         raise ProgramError(f"capacity {capacity} must hold the cached {ctx} tokens and the new "
                            "one")
-    rows, cols, counts = partition(cfg, target, batch, capacity, options)
-    placements = place(target, rows, cols, counts)
-    slots = math.ceil(capacity / cols)
-    code = lower(cfg, target.width, target.height, placements, batch, ctx, slots, options)
-    code.check(target, f"{cfg.name} {phase}")
+    # The partition's memory estimate ranks the placements; the exact check after lowering
+    # decides. A placement the estimate let through but the check refuses gives way to the
+    # next one (a few at most).
+    error = None
+    for rows, cols, counts in partition(cfg, target, batch, capacity, options)[:RETRIES]:
+        placements = place(target, rows, cols, counts)
+        slots = math.ceil(capacity / cols)
+        code = lower(cfg, target.width, target.height, placements, batch, ctx, slots, options)
+        try:
+            code.check(target, f"{cfg.name} {phase}")
+            break
+        except ProgramError as e:
+            error = error or e
+    else:
+        raise error
     sram = code.sram_per_core()
     free = target.sram_bytes - int(sram.max())
     per_token = _kv_bytes_per_slot(cfg, rows, max(p.count for p in placements), batch)
@@ -153,12 +176,20 @@ def _check_supported(cfg: ModelConfig, phase: str, options: CompileOptions) -> N
     if phase not in ("decode", "prefill"):
         raise ProgramError(f"phase {phase!r}: the whole-model compiler lowers decode and "
                            "prefill")
-    if cfg.norm != "rmsnorm" or cfg.position != "rope":
-        raise ProgramError(f"{cfg.name}: norm={cfg.norm!r}, position={cfg.position!r}; the "
-                           "whole-model compiler covers the LLaMA family (rmsnorm, rope)")
-    if cfg.o_proj_bias or cfg.mlp_bias:
-        raise ProgramError(f"{cfg.name}: o_proj / MLP biases are not lowered yet")
-    if cfg.hidden_act not in ACTIVATIONS:
+    if cfg.architecture == "bert":
+        raise ProgramError(f"{cfg.name}: BERT is an encoder (post-norm, bidirectional, no "
+                           f"token-by-token {phase}); the whole-model compiler lowers decoders "
+                           "(LLaMA family, GPT-2)")
+    llama = cfg.norm == "rmsnorm" and cfg.position == "rope"
+    if phase == "prefill" and (not llama or cfg.o_proj_bias or cfg.mlp_bias):
+        raise ProgramError(f"{cfg.name}: norm={cfg.norm!r}, position={cfg.position!r}, "
+                           f"o_proj_bias={cfg.o_proj_bias}, mlp_bias={cfg.mlp_bias}; prefill "
+                           "lowers the LLaMA family (rmsnorm, rope, no o / MLP biases); GPT-2 "
+                           "style models compile for decode")
+    if cfg.norm not in ("rmsnorm", "layernorm") or cfg.position not in ("rope", "learned"):
+        raise ProgramError(f"{cfg.name}: norm={cfg.norm!r}, position={cfg.position!r}; decode "
+                           "lowers rmsnorm or layernorm with rope or learned positions")
+    if model_activation(cfg.hidden_act) not in ACTIVATIONS:
         raise ProgramError(f"{cfg.name}: hidden_act {cfg.hidden_act!r} is not one of "
                            f"{', '.join(ACTIVATIONS)}")
     algos = GEMV_ALGOS + (GEMM_ALGOS if phase == "prefill" else ())
@@ -193,10 +224,34 @@ def _kv_bytes_per_slot(cfg: ModelConfig, rows: int, layers: int, batch: int) -> 
     return max(1, math.ceil(widest * DTYPE_BYTES[cfg.dtype] * layers * batch))
 
 
+def _vectors(cfg: ModelConfig, rows: int, cols: int) -> int:
+    """Elements of a layer's norm weights (and LayerNorm biases) and projection biases on the
+    busiest core: vectors over d are split over columns, those over q / kv / f over rows."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    dc = math.ceil(d / cols)
+    elems = (4 if cfg.norm == "layernorm" else 2) * dc
+    if cfg.qkv_bias:  # each row holds its heads' slices of q, k and v
+        g = cfg.num_attention_heads // cfg.num_key_value_heads
+        lay = head_layout(rows, cfg.num_key_value_heads, g, hd)
+        elems += int((lay.columns(g) + 2 * lay.columns(1)).max())
+    if cfg.o_proj_bias:
+        elems += dc
+    if cfg.mlp_bias:
+        elems += (2 if cfg.gated_mlp else 1) * math.ceil(f / min(rows, f)) + dc
+    return elems
+
+
 def layer_bytes(cfg: ModelConfig, rows: int, cols: int, batch: int, slots: int) -> int:
-    """Bytes one layer puts on the busiest core of a region: weight tiles, norms, its caches."""
-    elems = sum(_tile(k, n, axis, rows, cols) for k, n, axis in _matrices(cfg))
-    elems += 2 * math.ceil(cfg.hidden_size / cols)  # norms
+    """Bytes one layer puts on the busiest core of a region: weight tiles, norms, biases, its
+    caches."""
+    mats = _matrices(cfg)
+    elems = sum(_tile(k, n, axis, rows, cols) for k, n, axis in mats[4:])
+    # q, k, v and o follow the head layout: a row may hold more of them than an even share.
+    g = cfg.num_attention_heads // cfg.num_key_value_heads
+    lay = head_layout(rows, cfg.num_key_value_heads, g, cfg.head_dim)
+    dc = math.ceil(cfg.hidden_size / min(cols, cfg.hidden_size))
+    elems += dc * int(2 * lay.columns(g).max() + 2 * lay.columns(1).max())
+    elems += _vectors(cfg, rows, cols)
     return math.ceil(elems * DTYPE_BYTES[cfg.dtype]) + slots * _kv_bytes_per_slot(
         cfg, rows, 1, batch)
 
@@ -219,10 +274,19 @@ def scratch_bytes(cfg: ModelConfig, rows: int, cols: int, batch: int, head: bool
     return math.ceil(elems * batch * DTYPE_BYTES[cfg.dtype])
 
 
-def table_bytes(cfg: ModelConfig, rows: int, cols: int) -> int:
-    """Bytes of the embedding table (or the LM head) on the busiest core of a region."""
-    return math.ceil(_tile(cfg.vocab_size, cfg.hidden_size, "rows", rows, cols)
-                     * DTYPE_BYTES[cfg.dtype])
+def table_bytes(cfg: ModelConfig, rows: int, cols: int, head: bool = False) -> int:
+    """Bytes of the first region's tables (the embedding, and a learned position table) or,
+    with `head`, of the last region's (the LM head, a tied one stored as its own copy, and
+    the final norm) on the busiest core of a region."""
+    d = cfg.hidden_size
+    if head:
+        elems = _tile(d, cfg.vocab_size, "cols", rows, cols)
+        elems += (2 if cfg.norm == "layernorm" else 1) * math.ceil(d / cols)
+    else:
+        elems = _tile(cfg.vocab_size, d, "rows", rows, cols)
+        if cfg.position == "learned":
+            elems += _tile(cfg.max_position_embeddings, d, "rows", rows, cols)
+    return math.ceil(elems * DTYPE_BYTES[cfg.dtype])
 
 
 def distribute(layers: int, caps: list[int]) -> list[int] | None:
@@ -249,8 +313,8 @@ def _counts(cfg, target, rows, cols, n, batch, capacity):
     """Layer counts for n regions of rows x cols, or None when they do not fit."""
     limit = 0.97 * target.sram_bytes  # the estimate's margin; checked exactly after lowering
     per = layer_bytes(cfg, rows, cols, batch, math.ceil(capacity / cols))
-    table = table_bytes(cfg, rows, cols)
-    extra = [table * ((k == 0) + (k == n - 1))
+    embed, head = table_bytes(cfg, rows, cols), table_bytes(cfg, rows, cols, head=True)
+    extra = [embed * (k == 0) + head * (k == n - 1)
              + scratch_bytes(cfg, rows, cols, batch, k == n - 1) for k in range(n)]
     if max(extra) > limit:
         return None
@@ -289,10 +353,11 @@ def policy_key(policy: str, counts: list[int], size: int) -> tuple:
 
 
 def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
-              options: CompileOptions) -> tuple[int, int, list[int]]:
-    """(rows, cols, layers per region) of the policy, among the grids of regions that tile the
-    wafer and fit its SRAM. waferllm: the least estimated step time (compiler.estimate, in
-    closed form from the target and the lowering, as WaferLLM sweeps its grid size P)."""
+              options: CompileOptions) -> list[tuple[int, int, list[int]]]:
+    """(rows, cols, layers per region) of the placements the policy allows, best first, among
+    the grids of regions that tile the wafer and fit its SRAM by estimate. waferllm: by least
+    estimated step time (compiler.estimate, in closed form from the target and the lowering,
+    as WaferLLM sweeps its grid size P)."""
     L = cfg.num_hidden_layers
     if options.region is not None:
         rows, cols = options.region
@@ -301,7 +366,7 @@ def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
         if counts is None:
             raise ProgramError(f"{cfg.name} does not fit {n} regions of {rows}x{cols} (rows x "
                                f"cols) cores: {target.sram_bytes:,} B of SRAM per core")
-        return rows, cols, counts
+        return [(rows, cols, counts)]
     candidates = {}
     for gr in range(1, L + 3):
         for gc in range(1, L + 3):
@@ -314,7 +379,8 @@ def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
             if counts:
                 candidates[rows, cols, tuple(counts)] = None
     if not candidates:
-        need = (L * layer_bytes(cfg, 1, 1, batch, capacity) + 2 * table_bytes(cfg, 1, 1))
+        need = (L * layer_bytes(cfg, 1, 1, batch, capacity) + table_bytes(cfg, 1, 1)
+                + table_bytes(cfg, 1, 1, head=True))
         raise ProgramError(
             f"{cfg.name} does not fit {target.name} with policy {options.policy}: it needs "
             f"about {need / (target.width * target.height * 1e3):.1f} KB per core over all "
@@ -328,8 +394,8 @@ def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
         return (-step_cycles(cfg, target, rows, cols, list(counts), batch, slots, options.algo,
                              options.levels), -len(counts))
 
-    rows, cols, counts = max(candidates, key=key)
-    return rows, cols, list(counts)
+    return [(rows, cols, list(counts)) for rows, cols, counts in
+            sorted(candidates, key=key, reverse=True)]
 
 
 # ---- place -------------------------------------------------------------------------------
@@ -363,10 +429,12 @@ def lower(cfg: ModelConfig, width: int, height: int, placements, batch: int, ctx
     h_in = _hidden(body, grid, d, batch)  # the ports: buffers 0.. of the body
     h, s = attention_block(
         body, home, h_in, batch, d, cfg.num_attention_heads, cfg.num_key_value_heads,
-        cfg.head_dim, LAYER, ctx=ctx, slots=slots, qkv_bias=cfg.qkv_bias, eps=cfg.norm_eps,
-        step=LOOP, **kw)
+        cfg.head_dim, LAYER, ctx=ctx, slots=slots,
+        rope="rope" if cfg.position == "rope" else None, qkv_bias=cfg.qkv_bias,
+        o_bias=cfg.o_proj_bias, eps=cfg.norm_eps, norm_kind=cfg.norm, step=LOOP, **kw)
     h, s = mlp_block(body, home, h, batch, d, cfg.intermediate_size, LAYER,
-                     gated=cfg.gated_mlp, act=cfg.hidden_act, eps=cfg.norm_eps, step=s, **kw)
+                     gated=cfg.gated_mlp, act=model_activation(cfg.hidden_act),
+                     eps=cfg.norm_eps, norm_kind=cfg.norm, bias=cfg.mlp_bias, step=s, **kw)
     _carry(body, grid, h, h_in, s)  # the next iteration reads h where this one wrote it
     if s >= EPI:
         raise ProgramError("layer body too long for the step ranges")
@@ -379,7 +447,7 @@ def lower(cfg: ModelConfig, width: int, height: int, placements, batch: int, ctx
     for k, p in enumerate(placements):
         reg = p.region
         if p.embed:
-            h, _ = _embed(glue, reg, cfg, batch, lv, kw)
+            h, _ = _embed(glue, reg, cfg, batch, ctx, lv, kw)
         else:
             h = _receive(glue, prev, reg, d, batch, lv, k)
         prev = (reg, h)
@@ -406,8 +474,10 @@ def _carry(bld, grid, h_out, h_in, step):
                 a=np.asarray(h_out).ravel())
 
 
-def _embed(bld, reg: Region, cfg: ModelConfig, batch: int, levels: int, kw):
-    """Token ids enter at the region's corner, are broadcast, and look up their rows."""
+def _embed(bld, reg: Region, cfg: ModelConfig, batch: int, ctx: int, levels: int, kw):
+    """Token ids enter at the region's corner, are broadcast, and look up their rows. With
+    learned positions, every core also looks up row `ctx` (a compile-time constant, so no ids
+    move) of the position table, split like the embedding, and the two rows are added."""
     grid = reg.cores(bld.width)
     rows, cols = grid.shape
     tid = bld.tensor("ids", batch, 1)
@@ -422,8 +492,21 @@ def _embed(bld, reg: Region, cfg: ModelConfig, batch: int, levels: int, kw):
         ids[1:, :] = bld.buffers(grid[1:, :].ravel(), batch, 1).reshape(rows - 1, cols)
         step = line_broadcast(bld, grid.T, 0, ids[0, :], ids.T, step, levels,
                               np.repeat(nb, cols))
-    return gemv(bld, reg, batch, cfg.vocab_size, cfg.hidden_size, k_axis="rows", x=ids,
-                names=(None, "embed", None), lookup=True, step=step, **kw)
+    h, step = gemv(bld, reg, batch, cfg.vocab_size, cfg.hidden_size, k_axis="rows", x=ids,
+                   names=(None, "embed", None), lookup=True, step=step, **kw)
+    if cfg.position != "learned":
+        return h, step
+    pos = bld.buffers(grid.ravel(), batch, 1).reshape(grid.shape)
+    bld.compute(grid.ravel(), step, OP_FILL, c=pos.ravel(), imm=(float(ctx), 0.0))
+    p, step = gemv(bld, reg, batch, cfg.max_position_embeddings, cfg.hidden_size,
+                   k_axis="rows", x=pos, names=(None, "pos_embed", None), lookup=True,
+                   step=step + 1, **kw)
+    held = np.asarray(h) >= 0
+    out = np.full(grid.shape, -1, np.int64)
+    out[held] = bld.like(np.asarray(h)[held])
+    bld.compute(grid[held], step, OP_ADD, c=out[held], a=np.asarray(h)[held],
+                b=np.asarray(p)[held])
+    return out, step + 1
 
 
 def _receive(bld, prev, reg: Region, d: int, batch: int, levels: int, k: int):
@@ -455,8 +538,8 @@ def _receive(bld, prev, reg: Region, d: int, batch: int, levels: int, k: int):
 def _head(bld, reg: Region, cfg: ModelConfig, h, batch: int, levels: int, kw):
     """Final norm, LM head (logits split over rows) and greedy sampling (argmax)."""
     grid = reg.cores(bld.width)
-    xn, step = rmsnorm(bld, reg, h, batch, cfg.hidden_size, "final_norm", cfg.norm_eps,
-                       levels=levels, step=EPI + 10)
+    xn, step = norm(cfg.norm, bld, reg, h, batch, cfg.hidden_size, "final_norm", cfg.norm_eps,
+                    levels=levels, step=EPI + 10)
     logits, step = gemv(bld, reg, batch, cfg.hidden_size, cfg.vocab_size, k_axis="cols", x=xn,
                         names=(None, "lm_head", "logits"), allreduce=False, step=step, **kw)
     _argmax(bld, grid, logits, cfg.vocab_size, batch, step, levels)
@@ -499,14 +582,21 @@ def pack_inputs(compiled: CompiledModel, weights: dict[str, np.ndarray], ids: np
         return pack_prefill_inputs(compiled, weights, ids)
     cfg = compiled.model
     g = cfg.num_attention_heads // cfg.num_key_value_heads
-    out = {"ids": np.asarray(ids, np.float32).reshape(-1, 1), "embed": weights["embed"],
-           "final_norm": weights["final_norm"], "lm_head": weights["lm_head"],
-           "rope": rope_angles(cfg, compiled.ctx)}
+    out = {"ids": np.asarray(ids, np.float32).reshape(-1, 1)}
+    for name in ("embed", "pos_embed", "final_norm", "final_norm_bias"):
+        if name in weights:
+            out[name] = weights[name]
+    # A tied LM head is the embedding transposed, stored on the last region as its own copy.
+    lm_head = weights.get("lm_head")
+    out["lm_head"] = weights["embed"].T.copy() if lm_head is None else lm_head
+    if cfg.position == "rope":
+        out["rope"] = rope_angles(cfg, compiled.ctx)
     for p in compiled.placements:
         lay = head_layout(p.region.rows, cfg.num_key_value_heads, g, cfg.head_dim)
         for layer in range(p.first, p.first + p.count):
             pre = f"layers.{layer}."
-            for name in ("attn_norm", "mlp_norm", "up", "down", "gate"):
+            for name in ("attn_norm", "attn_norm_bias", "mlp_norm", "mlp_norm_bias", "up",
+                         "down", "gate", "o_bias", "up_bias", "down_bias", "gate_bias"):
                 if pre + name in weights:
                     out[pre + name] = weights[pre + name]
             for name, gg, pairs in (("q", g, True), ("k", 1, True), ("v", 1, False)):

@@ -33,6 +33,7 @@ KIND_NAMES = ("compute", "send", "recv")
 #   max      c = maximum(a, b)    copy   c = a               zero c = 0         fill c = imm0
 #   sqsum    c = sum(a * a, axis=1) as [m, 1]                rowmax c = max(a, axis=1) as [m, 1]
 #   rsqrt    c = 1 / sqrt(a * imm0 + imm1)   silu c = a * sigmoid(a)   gelu c = gelu(a) (tanh)
+#   gelu_erf c = a * Phi(a) = 0.5 a (1 + erf(a / sqrt 2))  (exact GELU, HF "gelu")
 #   expsub   c = exp(imm0 * (a - b))  (softmax numerator, b the row maxima)
 #   divlast  c = a[:, :-1] / a[:, -1:]  (softmax denominator carried as a's last column)
 #   rope     rotate pairs (a[..., 2p], a[..., 2p+1]) by the angle whose cos, sin are b[0, p],
@@ -46,9 +47,10 @@ OP_NONE, OP_MATMUL_ACC, OP_ADD, OP_COPY, OP_ZERO = 0, 1, 2, 3, 4
 OP_MUL, OP_SQSUM, OP_RSQRT, OP_SILU, OP_GELU = 5, 6, 7, 8, 9
 OP_MATMUL_T, OP_MAX, OP_ROWMAX, OP_EXPSUB, OP_DIVLAST = 10, 11, 12, 13, 14
 OP_ROPE, OP_TAKE, OP_PUT, OP_FILL, OP_LOOKUP, OP_ARGMAX, OP_ARGMAX2 = 15, 16, 17, 18, 19, 20, 21
+OP_GELU_ERF = 22
 OP_NAMES = ("none", "matmul_acc", "add", "copy", "zero", "mul", "sqsum", "rsqrt", "silu",
             "gelu", "matmul_t", "max", "rowmax", "expsub", "divlast", "rope", "take", "put",
-            "fill", "lookup", "argmax", "argmax2")
+            "fill", "lookup", "argmax", "argmax2", "gelu_erf")
 # Default cost of each op: (FLOPs per element of a, of c; SRAM elements read + written counted
 # as multiples of a, b, c). exp/tanh/sqrt are taken as 4 FLOPs. Matmuls are special-cased.
 _COSTS = {
@@ -59,7 +61,7 @@ _COSTS = {
     OP_SILU: (0, 6, 1, 0, 1), OP_GELU: (0, 8, 1, 0, 1), OP_EXPSUB: (0, 5, 1, 1, 1),
     OP_DIVLAST: (0, 1, 1, 0, 1), OP_ROPE: (0, 3, 1, 1, 1), OP_TAKE: (0, 0, 0, 0, 2),
     OP_PUT: (0, 0, 0, 0, 0), OP_LOOKUP: (0, 0, 1, 0, 2), OP_ARGMAX: (1, 0, 1, 0, 1),
-    OP_ARGMAX2: (0, 2, 1, 1, 1),
+    OP_ARGMAX2: (0, 2, 1, 1, 1), OP_GELU_ERF: (0, 8, 1, 0, 1),
 }
 # Link directions, in the order of link ids.
 EAST, WEST, NORTH, SOUTH = 0, 1, 2, 3

@@ -1,13 +1,17 @@
-"""Plain numpy forward pass of a llama-family decoder (LLaMA, Mistral, Qwen2): the test oracle.
+"""Plain numpy forward pass of a pre-norm decoder (LLaMA, Mistral, Qwen2, GPT-2): the test oracle.
 
 The wafer compiler's functional execution is checked against `forward` (float32, rtol 1e-4), so
 this file favours obvious code over speed and follows Hugging Face's LlamaForCausalLM exactly:
 pre-norm RMSNorm blocks, q/k/v (+bias) projections, RoPE in the "rotate_half" layout,
 grouped-query causal attention over a KV cache, a (gated) MLP, final norm and LM head.
+GPT-2 (GPT2LMHeadModel) is the same decoder with LayerNorm (weight and bias) instead of
+RMSNorm, learned absolute positions (`pos_embed` [max_pos, d], its row added to the token's
+embedding) instead of RoPE, multi-head attention, biases on every projection, a plain GELU MLP
+and a tied LM head; the two are independent switches (`cfg.norm`, `cfg.position`).
 Everything is computed in float64 from float32 weights and the logits are cast to float32, so
 the oracle's own rounding error is far below the tolerance it is used with. Not modelled:
 rope_scaling (plain `rope_theta` frequencies), Mistral's sliding window (attention spans the
-whole context), LayerNorm / learned-position models (GPT-2, BERT), which are refused.
+whole context), BERT (post-norm encoder with token types), which is refused.
 
 Weights use the x @ W convention (W is [in, out]); names are listed by `weight_shapes`.
 """
@@ -41,13 +45,15 @@ class KVCache:
 
 
 def check_supported(cfg: ModelConfig) -> None:
-    """Refuse configs outside the llama family, naming the field, instead of computing nonsense."""
-    if cfg.norm != "rmsnorm":
-        raise ValueError(f"{cfg.name}: norm={cfg.norm!r} is not supported (llama family only)")
-    if cfg.position != "rope":
-        raise ValueError(
-            f"{cfg.name}: position={cfg.position!r} is not supported (llama family only)"
-        )
+    """Refuse configs that are not pre-norm decoders (BERT), naming the field, instead of
+    computing nonsense."""
+    if cfg.architecture == "bert":
+        raise ValueError(f"{cfg.name}: architecture={cfg.architecture!r} is not supported "
+                         "(post-norm encoder; decoders of the llama and gpt2 families only)")
+    if cfg.norm not in ("rmsnorm", "layernorm"):
+        raise ValueError(f"{cfg.name}: norm={cfg.norm!r} is not supported")
+    if cfg.position not in ("rope", "learned"):
+        raise ValueError(f"{cfg.name}: position={cfg.position!r} is not supported")
 
 
 def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -55,20 +61,29 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
     Beyond q/k/v biases, `o_proj_bias` adds ".o_bias" [1, d] and `mlp_bias` adds ".gate_bias"
     (gated only), ".up_bias" [1, f] and ".down_bias" [1, d], as in llama with attention_bias.
+    LayerNorm adds a bias to every norm (".attn_norm_bias", ".mlp_norm_bias", "final_norm_bias",
+    [1, d]); learned positions add "pos_embed" [max_position_embeddings, d].
     """
     check_supported(cfg)
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    ln = cfg.norm == "layernorm"
     shapes: dict[str, tuple[int, ...]] = {"embed": (cfg.vocab_size, d)}
+    if cfg.position == "learned":
+        shapes["pos_embed"] = (cfg.max_position_embeddings, d)
     for l in range(cfg.num_hidden_layers):
         p = f"layers.{l}."
-        shapes |= {p + "attn_norm": (1, d), p + "q": (d, q), p + "k": (d, kv), p + "v": (d, kv),
-                   p + "o": (q, d)}
+        shapes[p + "attn_norm"] = (1, d)
+        if ln:
+            shapes[p + "attn_norm_bias"] = (1, d)
+        shapes |= {p + "q": (d, q), p + "k": (d, kv), p + "v": (d, kv), p + "o": (q, d)}
         if cfg.qkv_bias:
             shapes |= {p + "q_bias": (1, q), p + "k_bias": (1, kv), p + "v_bias": (1, kv)}
         if cfg.o_proj_bias:
             shapes[p + "o_bias"] = (1, d)
         shapes[p + "mlp_norm"] = (1, d)
+        if ln:
+            shapes[p + "mlp_norm_bias"] = (1, d)
         if cfg.gated_mlp:
             shapes[p + "gate"] = (d, f)
         shapes |= {p + "up": (d, f), p + "down": (f, d)}
@@ -76,15 +91,19 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             if cfg.gated_mlp:
                 shapes[p + "gate_bias"] = (1, f)
             shapes |= {p + "up_bias": (1, f), p + "down_bias": (1, d)}
-    shapes |= {"final_norm": (1, d), "lm_head": (d, cfg.vocab_size)}
+    shapes["final_norm"] = (1, d)
+    if ln:
+        shapes["final_norm_bias"] = (1, d)
+    shapes["lm_head"] = (d, cfg.vocab_size)
     return shapes
 
 
 def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Deterministic float32 weights scaled so that activations stay O(1) through every layer.
 
-    Matrices ~ N(0, 1/fan_in), norm weights 1 + 0.1 N(0, 1), biases 0.1 N(0, 1), embed N(0, 1);
-    a tied lm_head is a copy of embed.T rather than a draw.
+    Matrices ~ N(0, 1/fan_in), norm weights 1 + 0.1 N(0, 1), biases (norm biases too)
+    0.1 N(0, 1), embed N(0, 1), pos_embed 0.5 N(0, 1); a tied lm_head is a copy of embed.T
+    rather than a draw.
     """
     rng = np.random.default_rng(seed)
     weights = {}
@@ -93,6 +112,8 @@ def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
             w = weights["embed"].T.copy()
         elif name == "embed":
             w = rng.standard_normal(shape)
+        elif name == "pos_embed":
+            w = 0.5 * rng.standard_normal(shape)
         elif name.endswith("norm"):
             w = 1 + 0.1 * rng.standard_normal(shape)
         elif name.endswith("bias"):
@@ -132,6 +153,19 @@ def _rope(x: np.ndarray, angles: np.ndarray) -> np.ndarray:
 
 def _rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def _layernorm(x: np.ndarray, w: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """torch.nn.LayerNorm: biased variance, eps inside the square root."""
+    xc = x - x.mean(axis=-1, keepdims=True)
+    return xc / np.sqrt(np.mean(xc * xc, axis=-1, keepdims=True) + eps) * w + bias
+
+
+def _norm(cfg: ModelConfig, x: np.ndarray, weights: dict[str, np.ndarray], name: str
+          ) -> np.ndarray:
+    if cfg.norm == "layernorm":
+        return _layernorm(x, weights[name], weights[name + "_bias"], cfg.norm_eps)
+    return _rmsnorm(x, weights[name], cfg.norm_eps)
 
 
 def _act(name: str, x: np.ndarray) -> np.ndarray:
@@ -182,19 +216,28 @@ def forward(
     if cache is not None and cache.k[0].shape[0] != b:
         raise ValueError(f"batch {b} differs from the cache's {cache.k[0].shape[0]}")
     heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    angles = _angles(cfg, np.arange(past, past + t))
+    rope = cfg.position == "rope"
+    if not rope and past + t > cfg.max_position_embeddings:
+        raise ValueError(f"{cfg.name}: positions up to {past + t - 1} exceed the learned table "
+                         f"of {cfg.max_position_embeddings} (max_position_embeddings)")
+    angles = _angles(cfg, np.arange(past, past + t)) if rope else None
     # Query i (position past + i) may see keys 0 .. past + i.
     visible = np.arange(past + t)[None, :] <= past + np.arange(t)[:, None]
     group = np.arange(heads) // (heads // kv_heads)  # kv head of each query head
 
     x = weights["embed"].astype(np.float64)[ids]
+    if not rope:
+        x = x + weights["pos_embed"].astype(np.float64)[past:past + t][None]
     ks, vs = [], []
     for l in range(cfg.num_hidden_layers):
         w = {k.removeprefix(f"layers.{l}."): v for k, v in weights.items()
              if k.startswith(f"layers.{l}.")}
-        h = _rmsnorm(x, w["attn_norm"], cfg.norm_eps)
-        q = _rope(_linear(h, w, "q").reshape(b, t, heads, hd), angles)
-        k = _rope(_linear(h, w, "k").reshape(b, t, kv_heads, hd), angles).reshape(b, t, -1)
+        h = _norm(cfg, x, w, "attn_norm")
+        q = _linear(h, w, "q").reshape(b, t, heads, hd)
+        k = _linear(h, w, "k").reshape(b, t, kv_heads, hd)
+        if rope:
+            q, k = _rope(q, angles), _rope(k, angles)
+        k = k.reshape(b, t, -1)
         v = _linear(h, w, "v")
         if cache is not None:
             k = np.concatenate([cache.k[l], k], axis=1)
@@ -209,14 +252,14 @@ def forward(
         p /= p.sum(axis=-1, keepdims=True)
         attn = np.einsum("bhts,bshd->bthd", p, vh).reshape(b, t, heads * hd)
         x = x + _linear(attn, w, "o")
-        h = _rmsnorm(x, w["mlp_norm"], cfg.norm_eps)
+        h = _norm(cfg, x, w, "mlp_norm")
         up = _linear(h, w, "up")
         if cfg.gated_mlp:
             y = _act(cfg.hidden_act, _linear(h, w, "gate")) * up
         else:
             y = _act(cfg.hidden_act, up)
         x = x + _linear(y, w, "down")
-    x = _rmsnorm(x, weights["final_norm"], cfg.norm_eps)
+    x = _norm(cfg, x, weights, "final_norm")
     logits = (x @ weights["lm_head"].astype(np.float64)).astype(np.float32)
     return logits, KVCache(tuple(ks), tuple(vs))
 

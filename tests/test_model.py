@@ -18,31 +18,37 @@ from wafersim.functional import execute
 from wafersim.simulate import simulate
 
 CFG = load_model("tiny-llama")
+GPT2 = load_model("tiny-gpt2")  # LayerNorm, learned positions, biases, erf GELU, tied head
 MESH = load_target("wse2").with_mesh(8, 8)
 
 
-@pytest.mark.parametrize("options", [
-    CompileOptions(),  # one 8x8 region holding both layers (a loop of two)
-    CompileOptions(policy="pipeline"),  # a region per layer, h handed across
-    CompileOptions(region=(3, 5)),  # uneven tiles, regions stacked vertically
-    CompileOptions(algo="ring"),  # the pipeline (ring) reductions instead of K-trees
-])
-def test_decode_steps_match_the_reference(options):
-    weights = random_weights(CFG, seed=1)
-    prompt = np.array([[3, 17, 99, 5], [8, 1, 2, 250]])
-    logits, cache = forward(CFG, weights, prompt)
+@pytest.mark.parametrize("cfg,options", [
+    (CFG, CompileOptions()),  # one 8x8 region holding both layers (a loop of two)
+    (CFG, CompileOptions(policy="pipeline")),  # a region per layer, h handed across
+    (CFG, CompileOptions(region=(3, 5))),  # uneven tiles, regions stacked vertically
+    (CFG, CompileOptions(algo="ring")),  # the pipeline (ring) reductions instead of K-trees
+    (GPT2, CompileOptions()),  # GPT-2 style, one region
+    (GPT2, CompileOptions(policy="pipeline")),  # GPT-2 style, two regions side by side
+    (GPT2, CompileOptions(region=(3, 5))),  # GPT-2 style, uneven heads per row, stacked
+], ids=["llama", "llama-pipeline", "llama-3x5", "llama-ring", "gpt2", "gpt2-pipeline",
+        "gpt2-3x5"])
+def test_decode_steps_match_the_reference(cfg, options):
+    weights = random_weights(cfg, seed=1)
+    prompt = np.array([[3, 17, 99, 5], [8, 1, 2, cfg.vocab_size - 6]])
+    logits, cache = forward(cfg, weights, prompt)
     ids = logits[:, -1].argmax(-1)
     k_wafer = v_wafer = None
     for step in range(3):
         ctx = prompt.shape[1] + step
-        compiled = compile_model(build_graph(CFG, "decode", batch=2, ctx_len=ctx), MESH,
+        compiled = compile_model(build_graph(cfg, "decode", batch=2, ctx_len=ctx), MESH,
                                  options.__class__(**{**vars(options), "capacity": 12}))
         inputs = pack_inputs(compiled, weights, ids, list(cache.k), list(cache.v))
+        assert ("pos_embed" in inputs) == (cfg.position == "learned")
         if k_wafer is not None:  # the caches the previous wafer step wrote
             inputs.update(k_wafer)
             inputs.update(v_wafer)
         out = execute(compiled.program, inputs)
-        ref, cache = forward(CFG, weights, ids[:, None], cache)
+        ref, cache = forward(cfg, weights, ids[:, None], cache)
         np.testing.assert_allclose(out["logits"], ref[:, 0], rtol=1e-4, atol=1e-4)
         assert np.array_equal(out["next"][:, 1], ref[:, 0].argmax(-1))
         k_wafer = {n: a for n, a in out.items() if n.endswith("k_cache")}
@@ -71,10 +77,49 @@ def test_memory_is_reported_and_checked():
 
 
 def test_unsupported_models_are_refused():
-    with pytest.raises(ProgramError, match="LLaMA family"):
-        compile_model(build_graph(load_model("tiny-gpt2"), "decode", ctx_len=8), MESH)
-    with pytest.raises(ProgramError, match="LLaMA family"):
-        compile_model(build_graph(load_model("tiny-gpt2"), "prefill", seq_len=8), MESH)
+    with pytest.raises(ProgramError, match="prefill lowers the LLaMA family"):
+        compile_model(build_graph(GPT2, "prefill", seq_len=8), MESH)
+    for phase in ("decode", "prefill"):
+        with pytest.raises(ProgramError, match="BERT is an encoder"):
+            compile_model(build_graph(load_model("bert-base"), phase, ctx_len=8), MESH)
+    graph = build_graph(GPT2, "decode", ctx_len=8)  # build_graph caps ctx_len; so does lowering
+    graph.graph["ctx_len"] = GPT2.max_position_embeddings
+    with pytest.raises(ProgramError, match="max_position_embeddings"):
+        compile_model(graph, MESH)
+
+
+def test_mixed_llama_gpt2_config_decodes():
+    """Norm and position are independent switches: a LLaMA layer (GQA, SwiGLU) with LayerNorm
+    and learned positions, no biases, untied head, matches the reference on one region."""
+    cfg = dataclasses.replace(CFG, norm="layernorm", position="learned", num_hidden_layers=1)
+    weights = random_weights(cfg, seed=2)
+    prompt = np.array([[3, 17, 99]])
+    logits, cache = forward(cfg, weights, prompt)
+    ids = logits[:, -1].argmax(-1)
+    compiled = compile_model(build_graph(cfg, "decode", batch=1, ctx_len=3), MESH)
+    out = execute(compiled.program, pack_inputs(compiled, weights, ids, list(cache.k),
+                                                list(cache.v)))
+    ref, _ = forward(cfg, weights, ids[:, None], cache)
+    np.testing.assert_allclose(out["logits"], ref[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_gpt2_compiles_for_a_moderate_wafer():
+    """GPT-2 (124M, bf16, vocab 50257) on a 128x96 WSE-2 slice: two regions of six layers, the
+    embedding and position tables on the first, the tied LM head's copy on the last; a 64x64
+    slice is refused in one line."""
+    cfg = load_model("gpt2")
+    mesh = load_target("wse2").with_mesh(128, 96)
+    compiled = compile_model(build_graph(cfg, "decode", ctx_len=64), mesh)
+    assert sum(p.count for p in compiled.placements) == 12
+    assert compiled.placements[0].embed and compiled.placements[-1].head
+    names = {t[0] for t in compiled.code.glue.tensors} | {t[0] for t in compiled.code.body.tensors}
+    assert {"pos_embed", "final_norm_bias", "layers.{l}.o_bias", "layers.{l}.up_bias",
+            "layers.{l}.attn_norm_bias"} <= names and "rope" not in names
+    assert compiled.memory["sram_max_bytes"] <= mesh.sram_bytes
+    assert simulate(compiled.timing_program(), mesh).makespan_cycles > 0
+    with pytest.raises(ProgramError, match="does not fit") as err:
+        compile_model(build_graph(cfg, "decode", ctx_len=64), load_target("wse2").with_mesh(64, 64))
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("cfg,mesh", [
@@ -141,3 +186,19 @@ def test_prefill_refusals():
     tiny_sram = MESH.__class__(**{**vars(MESH), "sram_bytes": 8192})
     with pytest.raises(ProgramError, match="does not fit"):
         compile_model(build_graph(CFG, "prefill", seq_len=8), tiny_sram)
+
+
+def test_a_placement_the_exact_check_refuses_gives_way_to_the_next(monkeypatch):
+    """The partition's estimate ranks placements; the SRAM check after lowering decides."""
+    import compiler.model as model
+
+    graph = build_graph(CFG, "decode", ctx_len=8)
+    ranked = model.partition(CFG, MESH, 1, 9, CompileOptions())
+    too_small = (1, 2, [0, 1, 1, 0])  # 1x2-core regions cannot hold a layer
+    monkeypatch.setattr(model, "partition", lambda *a: [too_small, *ranked])
+    compiled = compile_model(graph, MESH)
+    region = compiled.placements[0].region
+    assert (region.rows, region.cols) == ranked[0][:2]
+    monkeypatch.setattr(model, "partition", lambda *a: [too_small])
+    with pytest.raises(ProgramError, match="SRAM on core"):
+        compile_model(graph, MESH)

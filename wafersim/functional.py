@@ -11,6 +11,7 @@ meshes, not a hot path.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
@@ -164,6 +165,9 @@ def _pattern(name: str, shapes: dict) -> str:
     return ".".join("{l}" if p.isdigit() else p for p in parts)
 
 
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
 def _compute(op, data, a, b, c, imm):
     if op == P.OP_MATMUL_ACC:
         data[c] += data[a] @ data[b]
@@ -186,6 +190,9 @@ def _compute(op, data, a, b, c, imm):
     elif op == P.OP_GELU:
         x = data[a]
         data[c] = 0.5 * x * (1.0 + np.tanh(0.7978845608 * (x + 0.044715 * x ** 3)))
+    elif op == P.OP_GELU_ERF:
+        x = data[a]
+        data[c] = (0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))).astype(x.dtype)
     elif op == P.OP_EXPSUB:
         data[c] = np.exp(imm[0] * (data[a] - data[b]))
     elif op == P.OP_DIVLAST:

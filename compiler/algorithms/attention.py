@@ -16,6 +16,9 @@ Layout (every op stays local to the region; only reductions move data):
   each row; P @ V partials are all-reduced along each row, which leaves the attention output
   split over rows: exactly the O projection's input with K over rows. Its output is split over
   columns, like h, for the residual add.
+- GPT-2 style layers (learned positions) skip RoPE (`rope=None`): q and k keep the same
+  pair-adjacent permutation, which leaves every score unchanged; the norm may be a LayerNorm
+  and the O projection may carry a bias.
 - New tokens enter the cache with WaferLLM's shift scheme: k and v are already on every core of
   their row; the new entry is written at column 0 and, up to the column that is due to grow,
   each core passes one entry to its east neighbour, so every core holds floor(t / C) or
@@ -29,9 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from compiler.algorithms.allreduce import ktree_reduce, line_broadcast
+from compiler.algorithms.bias import add_bias
 from compiler.algorithms.common import Region, split
 from compiler.algorithms.meshgemv import gemv
-from compiler.algorithms.norm import rmsnorm
+from compiler.algorithms.norm import norm
 from compiler.program import (
     INPUT,
     OP_ADD,
@@ -161,14 +165,17 @@ def kv_positions(t: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
 
 def attention_block(bld: ProgramBuilder, region: Region, h, b: int, d: int, heads: int,
                     kv_heads: int, hd: int, prefix: str, *, ctx: int, slots: int,
-                    rope: str = "rope", qkv_bias: bool = False, eps: float = 1e-5,
-                    algo: str = "meshgemv", levels: int = 2, step: int = 0):
-    """h + Attention(RMSNorm(h)) for one decode step with `ctx` tokens already cached.
+                    rope: str | None = "rope", qkv_bias: bool = False, o_bias: bool = False,
+                    eps: float = 1e-5, norm_kind: str = "rmsnorm", algo: str = "meshgemv",
+                    levels: int = 2, step: int = 0):
+    """h + Attention(Norm(h)) for one decode step with `ctx` tokens already cached.
 
-    `h`: [rows, cols] buffer ids split over columns. Weights: `{prefix}.attn_norm`, `.q`, `.k`,
-    `.v`, `.o` (and `.q_bias` etc.), their columns (o: rows) in `head_layout` order; caches
+    `h`: [rows, cols] buffer ids split over columns. Weights: `{prefix}.attn_norm` (and
+    `.attn_norm_bias` for `norm_kind="layernorm"`), `.q`, `.k`, `.v`, `.o` (and `.q_bias` etc.,
+    `.o_bias` [1, d]), their columns (o: rows) in `head_layout` order; caches
     `{prefix}.k_cache` [b * cols * slots, kv columns] and `.v_cache` (STATE); RoPE's cos and
-    sin at position `ctx` in tensor `rope` [2, hd / 2]. Returns (output buffer ids, next step).
+    sin at position `ctx` in tensor `rope` [2, hd / 2] (None: no RoPE, as with learned
+    positions). Returns (output buffer ids, next step).
     """
     grid = region.cores(bld.width)
     rows, cols = grid.shape
@@ -182,8 +189,8 @@ def attention_block(bld: ProgramBuilder, region: Region, h, b: int, d: int, head
     cj = np.broadcast_to(np.arange(cols)[None, :], grid.shape)
     all_cores = grid.ravel()
 
-    xn, step = rmsnorm(bld, region, h, b, d, f"{prefix}.attn_norm", eps, levels=levels,
-                       step=step)
+    xn, step = norm(norm_kind, bld, region, h, b, d, f"{prefix}.attn_norm", eps, levels=levels,
+                    step=step)
     proj = {}
     for name, gg in (("q", g), ("k", 1), ("v", 1)):
         n_i = lay.columns(gg)
@@ -198,12 +205,13 @@ def attention_block(bld: ProgramBuilder, region: Region, h, b: int, d: int, head
             step += 1
         proj[name] = y.ravel()
     # RoPE on q and k: each row's chunk covers pairs p0 .. p0 + ne/2 of its heads.
-    tr = bld.tensor(rope, 2, hd // 2)
-    cs = bld.buffers(all_cores, 2, (lay.ne // 2)[ri].ravel(), INPUT, tr, 0,
-                     (lay.e0 // 2)[ri].ravel())
-    for name in ("q", "k"):
-        bld.compute(all_cores, step, OP_ROPE, c=proj[name], a=proj[name], b=cs)
-    step += 1
+    if rope is not None:
+        tr = bld.tensor(rope, 2, hd // 2)
+        cs = bld.buffers(all_cores, 2, (lay.ne // 2)[ri].ravel(), INPUT, tr, 0,
+                         (lay.e0 // 2)[ri].ravel())
+        for name in ("q", "k"):
+            bld.compute(all_cores, step, OP_ROPE, c=proj[name], a=proj[name], b=cs)
+        step += 1
 
     # Caches and the shift step that adds this token.
     kcols, vcols = lay.columns(1), lay.columns(1, extra=1)
@@ -255,6 +263,8 @@ def attention_block(bld: ProgramBuilder, region: Region, h, b: int, d: int, head
     o, step = gemv(bld, region, b, int(o_cols.sum()), d, algo, k_axis="rows", x=o_in,
                    names=(None, f"{prefix}.o", None), levels=levels, step=step,
                    k_split=(starts, o_cols))
+    if o_bias:
+        step = add_bias(bld, region, o, d, f"{prefix}.o_bias", "cols", step=step)
     res = bld.like(h)
     bld.compute(all_cores, step, OP_ADD, c=res.ravel(), a=np.asarray(h).ravel(), b=o.ravel())
     return res, step + 1
