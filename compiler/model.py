@@ -180,15 +180,12 @@ def _check_supported(cfg: ModelConfig, phase: str, options: CompileOptions) -> N
         raise ProgramError(f"{cfg.name}: BERT is an encoder (post-norm, bidirectional, no "
                            f"token-by-token {phase}); the whole-model compiler lowers decoders "
                            "(LLaMA family, GPT-2)")
-    llama = cfg.norm == "rmsnorm" and cfg.position == "rope"
-    if phase == "prefill" and (not llama or cfg.o_proj_bias or cfg.mlp_bias):
-        raise ProgramError(f"{cfg.name}: norm={cfg.norm!r}, position={cfg.position!r}, "
-                           f"o_proj_bias={cfg.o_proj_bias}, mlp_bias={cfg.mlp_bias}; prefill "
-                           "lowers the LLaMA family (rmsnorm, rope, no o / MLP biases); GPT-2 "
-                           "style models compile for decode")
+    if phase == "prefill" and cfg.o_proj_bias != cfg.mlp_bias:
+        raise ProgramError(f"{cfg.name}: o_proj_bias={cfg.o_proj_bias}, mlp_bias="
+                           f"{cfg.mlp_bias}; prefill lowers both biases or neither")
     if cfg.norm not in ("rmsnorm", "layernorm") or cfg.position not in ("rope", "learned"):
-        raise ProgramError(f"{cfg.name}: norm={cfg.norm!r}, position={cfg.position!r}; decode "
-                           "lowers rmsnorm or layernorm with rope or learned positions")
+        raise ProgramError(f"{cfg.name}: norm={cfg.norm!r}, position={cfg.position!r}; the "
+                           "compiler lowers rmsnorm or layernorm with rope or learned positions")
     if model_activation(cfg.hidden_act) not in ACTIVATIONS:
         raise ProgramError(f"{cfg.name}: hidden_act {cfg.hidden_act!r} is not one of "
                            f"{', '.join(ACTIVATIONS)}")

@@ -37,6 +37,7 @@ from compiler.algorithms.allreduce import ktree_reduce, line_broadcast
 from compiler.algorithms.common import Region, split
 from compiler.algorithms.meshgemm import GEMM_ALGOS
 from compiler.algorithms.meshgemv import GEMV_ALGOS, gemv
+from compiler.algorithms.mlp import model_activation
 from compiler.algorithms.prefill import (
     _allreduce,
     causal_mask,
@@ -61,11 +62,15 @@ from compiler.model import (
 )
 from compiler.program import (
     INPUT,
+    OP_ADD,
+    OP_FILL,
     OP_LOOKUP,
+    OP_MATMUL_ACC,
     OP_MUL,
     OP_RSQRT,
     OP_SQSUM,
     OP_TAKE,
+    OP_ZERO,
     MeshProgram,
     ProgramBuilder,
     ProgramError,
@@ -183,6 +188,8 @@ def partition_prefill(cfg: ModelConfig, target: MeshTarget, seq: int, options,
     policy = "largest" if options.policy == "waferllm" else options.policy
     best = None
     for s in range(1, min(target.height, target.width, smax) + 1):
+        if cfg.norm == "layernorm" and cfg.hidden_size % s:
+            continue  # LayerNorm's tiles must not be padded (prefill._norm)
         n = min((target.height // s) * (target.width // s), L + 2)
         counts = _prefill_counts(cfg, target, s, n, seq, algo)
         if counts:
@@ -217,9 +224,11 @@ def lower_prefill(cfg: ModelConfig, width: int, height: int, placements, seq: in
         h = _embed(bld, plan, cfg) if p.embed else _handoff(bld, prev, plan, EPI)
         prev = (plan, h)
         if p.count:
-            out, step = prefill_layer(bld, p.region, h, *shape, LAYER, eps=cfg.norm_eps,
-                                      gated=cfg.gated_mlp, act=cfg.hidden_act,
-                                      qkv_bias=cfg.qkv_bias, algo=gemm_algo, step=LOOP)
+            out, step = prefill_layer(
+                bld, p.region, h, *shape, LAYER, eps=cfg.norm_eps, gated=cfg.gated_mlp,
+                act=model_activation(cfg.hidden_act), qkv_bias=cfg.qkv_bias, algo=gemm_algo,
+                step=LOOP, rope="rope" if cfg.position == "rope" else None, norm=cfg.norm,
+                bias=cfg.o_proj_bias)
             if step >= EPI:
                 raise ProgramError("prefill layer body too long for the step ranges")
             _carry(bld, plan.core.ravel(), out, h, step)
@@ -269,6 +278,12 @@ def _embed(bld: ProgramBuilder, p, cfg: ModelConfig) -> np.ndarray:
                                   np.full(s, _nbytes(bld, S * db)))
     else:
         step += 1
+    if cfg.position == "learned":  # + the rows of positions 0..S-1, on each column's root
+        pos = bld.buffers(grid[root], S, db, INPUT,
+                          bld.tensor("pos_embed", cfg.max_position_embeddings, cfg.hidden_size),
+                          0, phys * db)
+        bld.compute(grid[root], step, OP_ADD, c=part[root], a=part[root], b=pos)
+        step += 1
     # Scatter: the root of physical column c takes row block i and sends it to logical (i, j).
     h = bld.buffers(p.core.ravel(), mb, db).reshape(s, s)
     ir = phys[root]  # logical row of the root
@@ -303,6 +318,14 @@ def _head(bld: ProgramBuilder, p, cfg: ModelConfig, h, step: int, levels: int, a
     row = p.core[ir, phys]  # the token's grid row, in physical order
     x = bld.buffers(row, 1, db)
     bld.compute(row, step, OP_TAKE, c=x, a=h[ir, phys], imm=(rr * db, 0.0))
+    if cfg.norm == "layernorm":  # minus the mean, all-reduced along the row
+        neg, mean = bld.buffers(row, db, 1), bld.buffers(row, 1, 1)
+        bld.compute(row, step + 1, OP_FILL, c=neg, imm=(-1.0 / d, 0.0))
+        bld.compute(row, step + 1, OP_ZERO, c=mean)
+        bld.compute(row, step + 2, OP_MATMUL_ACC, c=mean, a=x, b=neg)
+        step = _allreduce(bld, row[None, :], mean[None, :], bld.like(mean)[None, :], step + 3,
+                          _nbytes(bld, [1]))
+        bld.compute(row, step, OP_ADD, c=x, a=x, b=mean)
     ss = bld.buffers(row, 1, 1)
     bld.compute(row, step + 1, OP_SQSUM, c=ss, a=x)
     step = _allreduce(bld, row[None, :], ss[None, :], bld.like(ss)[None, :], step + 2,
@@ -313,6 +336,10 @@ def _head(bld: ProgramBuilder, p, cfg: ModelConfig, h, step: int, levels: int, a
     bld.compute(row, step + 1, OP_MUL, c=xn, a=x, b=ss)
     bld.compute(row, step + 2, OP_MUL, c=xn, a=xn, b=gw)
     step += 3
+    if cfg.norm == "layernorm":
+        beta = bld.buffers(row, 1, db, INPUT, bld.tensor("final_norm_bias", 1, d), 0, phys * db)
+        bld.compute(row, step, OP_ADD, c=xn, a=xn, b=beta)
+        step += 1
     # Multicast the normalised row down every column: decode's GEMV layout on the grid.
     xb = np.full((s, s), -1, np.int64)  # [physical row, physical column]
     xb[p.pos[ir], :] = xn
@@ -346,8 +373,12 @@ def pack_prefill_inputs(compiled, weights: dict[str, np.ndarray], ids) -> dict[s
                         cfg.intermediate_size, algos(compiled.options)[0])
     out = {"ids": ids.astype(np.float32).reshape(-1, 1), "embed": weights["embed"],
            "final_norm": weights["final_norm"], "lm_head": weights["lm_head"],
-           "rope": rope_table(compiled.ctx, cfg.head_dim, cfg.rope_theta),
            "causal_mask": causal_mask(plan)}
+    if cfg.position == "rope":
+        out["rope"] = rope_table(compiled.ctx, cfg.head_dim, cfg.rope_theta)
+    for name in ("pos_embed", "final_norm_bias"):
+        if name in weights:
+            out[name] = weights[name]
     for layer in range(cfg.num_hidden_layers):
         out |= pack_weights(weights, f"layers.{layer}", cfg.num_attention_heads,
                             cfg.num_key_value_heads, cfg.head_dim)

@@ -171,31 +171,36 @@ def prefill_output(bld: ProgramBuilder, plan: PrefillPlan, bufs: np.ndarray, nam
 # ---- the layer -------------------------------------------------------------------------------
 
 def prefill_layer(bld: ProgramBuilder, region: Region, h, seq: int, d: int, heads: int,
-                  kv_heads: int, hd: int, f: int, prefix: str, rope: str = "rope",
+                  kv_heads: int, hd: int, f: int, prefix: str, rope: str | None = "rope",
                   eps: float = 1e-5, gated: bool = True, act: str = "silu",
                   qkv_bias: bool = False, algo: str = "meshgemm", step: int = 0,
-                  mask: str = "causal_mask"):
-    """h + Attention(RMSNorm(h)), then + MLP(RMSNorm(.)), for `seq` tokens at positions 0..
+                  mask: str = "causal_mask", norm: str = "rmsnorm", bias: bool = False):
+    """h + Attention(Norm(h)), then + MLP(Norm(.)), for `seq` tokens at positions 0..
 
     `h`: [s, s] buffer ids in the layout of `prefill_plan(region, bld.width, ...)` (see
     `prefill_input`). Weights `{prefix}.attn_norm`, `.q`, `.k`, `.v`, `.o` (`.q_bias`, ...),
     `.mlp_norm`, `.gate`, `.up`, `.down` as `pack_weights` gives them; constants `rope`
-    (`rope_table`) and `mask` (`causal_mask`). Returns (output buffer ids, next step).
+    (`rope_table`; None: no RoPE, as with learned positions) and `mask` (`causal_mask`).
+    `norm`: "rmsnorm" or "layernorm" (its biases `.attn_norm_bias`, `.mlp_norm_bias`); `bias`:
+    the o and MLP projections have biases (`.o_bias`, `.up_bias`, ...), as GPT-2's do.
+    Returns (output buffer ids, next step).
     """
     plan = prefill_plan(region, bld.width, seq, d, heads, kv_heads, hd, f, algo)
     h, step = prefill_attention_block(bld, plan, h, prefix, rope=rope, mask=mask, eps=eps,
-                                      qkv_bias=qkv_bias, step=step)
-    return prefill_mlp_block(bld, plan, h, prefix, gated=gated, act=act, eps=eps, step=step)
+                                      qkv_bias=qkv_bias, step=step, norm=norm, o_bias=bias)
+    return prefill_mlp_block(bld, plan, h, prefix, gated=gated, act=act, eps=eps, step=step,
+                             norm=norm, bias=bias)
 
 
 def prefill_attention_block(bld: ProgramBuilder, plan: PrefillPlan, h, prefix: str, *,
-                            rope: str = "rope", mask: str = "causal_mask", eps: float = 1e-5,
-                            qkv_bias: bool = False, step: int = 0):
-    """h + O(causal GQA(RoPE(Q), RoPE(K), V)) of RMSNorm(h); writes `{prefix}.k_cache`,
-    `{prefix}.v_cache`. Returns (output buffer ids, next step)."""
+                            rope: str | None = "rope", mask: str = "causal_mask",
+                            eps: float = 1e-5, qkv_bias: bool = False, step: int = 0,
+                            norm: str = "rmsnorm", o_bias: bool = False):
+    """h + O(causal GQA(RoPE(Q), RoPE(K), V)) of Norm(h) (+ o's bias); writes
+    `{prefix}.k_cache`, `{prefix}.v_cache`. Returns (output buffer ids, next step)."""
     p, lay, g, hd, s = plan, plan.lay, plan.g, plan.hd, plan.s
     i, j = p.ij
-    xn, step = _rmsnorm(bld, p, h, f"{prefix}.attn_norm", eps, step)
+    xn, step = _norm(bld, p, h, f"{prefix}.attn_norm", eps, step, norm)
     # One N-part per (head held, query head of the group) for q, per head held for k and v.
     heads_held = range(int(lay.nh.max()))
     width = [np.where(lay.nh > hh, lay.ne, 0) for hh in heads_held]
@@ -212,28 +217,26 @@ def prefill_attention_block(bld: ProgramBuilder, plan: PrefillPlan, h, prefix: s
         tb = {n: bld.tensor(f"{prefix}.{n}_bias", 1, names_cols) for n, names_cols in (
             ("q", p.heads * hd), ("k", p.kv_heads * hd), ("v", p.kv_heads * hd))}
         for (n, c0, w), y in zip(parts, out):
-            on = y >= 0
-            bias = bld.buffers(p.core[on], 1, w[j][on], INPUT, tb[n], 0, c0[j][on])
-            bld.compute(p.core[on], step, OP_ADD, c=y[on], a=y[on], b=bias)
+            _add_bias(bld, p, y, tb[n], c0, w, step)
         step += 1
     q = dict(zip(qcol, out[:len(qcol)]))
     k = out[len(qcol):len(qcol) + len(width)]
     v = out[len(qcol) + len(width):]
 
-    # RoPE: a [2, mb * ne/2] table per core of cos then sin for its rows and pairs.
-    tr = bld.tensor(rope, 2 * p.seq, hd // 2)
-    ne = lay.ne[j]
-    cos = _alloc(bld, p, True, p.mb, ne // 2, INPUT, tr, i * p.mb, lay.e0[j] // 2)
-    sin = _alloc(bld, p, True, p.mb, ne // 2, INPUT, tr, p.seq + i * p.mb, lay.e0[j] // 2)
-    table = _alloc(bld, p, True, 2, p.mb * ne // 2)
     every = p.core.ravel()
-    bld.compute(every, step, OP_PUT, c=table.ravel(), a=cos.ravel())
-    bld.compute(every, step, OP_PUT, c=table.ravel(), a=sin.ravel(),
-                imm=((p.mb * ne // 2).ravel(), 0.0))
-    for y in list(q.values()) + k:
-        on = y >= 0
-        bld.compute(p.core[on], step + 1, OP_ROPE, c=y[on], a=y[on], b=table[on])
-    step += 2
+    if rope is not None:  # a [2, mb * ne/2] table per core of cos then sin, rows and pairs
+        tr = bld.tensor(rope, 2 * p.seq, hd // 2)
+        ne = lay.ne[j]
+        cos = _alloc(bld, p, True, p.mb, ne // 2, INPUT, tr, i * p.mb, lay.e0[j] // 2)
+        sin = _alloc(bld, p, True, p.mb, ne // 2, INPUT, tr, p.seq + i * p.mb, lay.e0[j] // 2)
+        table = _alloc(bld, p, True, 2, p.mb * ne // 2)
+        bld.compute(every, step, OP_PUT, c=table.ravel(), a=cos.ravel())
+        bld.compute(every, step, OP_PUT, c=table.ravel(), a=sin.ravel(),
+                    imm=((p.mb * ne // 2).ravel(), 0.0))
+        for y in list(q.values()) + k:
+            on = y >= 0
+            bld.compute(p.core[on], step + 1, OP_ROPE, c=y[on], a=y[on], b=table[on])
+        step += 2
     for cache, ys in (("k_cache", k), ("v_cache", v)):
         tc = bld.tensor(f"{prefix}.{cache}", p.seq, p.kv_heads * hd)
         for hh, y in enumerate(ys):
@@ -243,32 +246,45 @@ def prefill_attention_block(bld: ProgramBuilder, plan: PrefillPlan, h, prefix: s
     o, step = _attention(bld, p, q, k, v, mask, step)
     oa = [(o[hq], width[hq[0]], qcol[hq]) for hq in qcol]  # V's dims are in model order
     to = bld.tensor(f"{prefix}.o", p.heads * hd, p.d)
-    (proj,), step = _gemm(bld, p, oa, [(to, np.arange(s) * p.db, np.full(s, p.db))], step)
+    dcols = (np.arange(s) * p.db, np.full(s, p.db))
+    (proj,), step = _gemm(bld, p, oa, [(to, *dcols)], step)
+    if o_bias:
+        _add_bias(bld, p, proj, bld.tensor(f"{prefix}.o_bias", 1, p.d), *dcols, step)
+        step += 1
     res = bld.like(h)
     bld.compute(every, step, OP_ADD, c=res.ravel(), a=np.asarray(h).ravel(), b=proj.ravel())
     return res, step + 1
 
 
 def prefill_mlp_block(bld: ProgramBuilder, plan: PrefillPlan, h, prefix: str, *,
-                      gated: bool = True, act: str = "silu", eps: float = 1e-5, step: int = 0):
-    """h + down(act(gate(x)) * up(x)), x = RMSNorm(h) (no gate: down(act(up(x)))).
-    Returns (output buffer ids, next step)."""
+                      gated: bool = True, act: str = "silu", eps: float = 1e-5, step: int = 0,
+                      norm: str = "rmsnorm", bias: bool = False):
+    """h + down(act(gate(x)) * up(x)), x = Norm(h) (no gate: down(act(up(x)))); `bias`: each
+    projection adds its bias. Returns (output buffer ids, next step)."""
     if act not in ACTIVATIONS:
         raise ProgramError(f"activation {act!r} is not one of {', '.join(ACTIVATIONS)}")
     p, s = plan, plan.s
-    xn, step = _rmsnorm(bld, p, h, f"{prefix}.mlp_norm", eps, step)
+    xn, step = _norm(bld, p, h, f"{prefix}.mlp_norm", eps, step, norm)
     fcols = (np.arange(s) * p.fb, np.full(s, p.fb))
     names = ("gate", "up") if gated else ("up",)
     outs = [(bld.tensor(f"{prefix}.{n}", p.d, p.f), *fcols) for n in names]
     ys, step = _gemm(bld, p, [(xn, np.full(s, p.db), np.arange(s) * p.db)], outs, step)
+    if bias:
+        for n, y in zip(names, ys):
+            _add_bias(bld, p, y, bld.tensor(f"{prefix}.{n}_bias", 1, p.f), *fcols, step)
+        step += 1
     every = p.core.ravel()
     m = bld.like(ys[0])
     bld.compute(every, step, ACTIVATIONS[act], c=m.ravel(), a=ys[0].ravel())
     if gated:
         bld.compute(every, step + 1, OP_MUL, c=m.ravel(), a=m.ravel(), b=ys[1].ravel())
     td = bld.tensor(f"{prefix}.down", p.f, p.d)
+    dcols = (np.arange(s) * p.db, np.full(s, p.db))
     (down,), step = _gemm(bld, p, [(m, np.full(s, p.fb), np.arange(s) * p.fb)],
-                          [(td, np.arange(s) * p.db, np.full(s, p.db))], step + 2)
+                          [(td, *dcols)], step + 2)
+    if bias:
+        _add_bias(bld, p, down, bld.tensor(f"{prefix}.down_bias", 1, p.d), *dcols, step)
+        step += 1
     out = bld.like(h)
     bld.compute(every, step, OP_ADD, c=out.ravel(), a=np.asarray(h).ravel(), b=down.ravel())
     return out, step + 1
@@ -324,21 +340,55 @@ def _allreduce(bld, lines, acc, tmp, step, nbytes, op=OP_ADD) -> int:
     return line_broadcast(bld, lines, root, acc[:, root], acc, step, _REDUCE + 2, nbytes)
 
 
-def _rmsnorm(bld, p: PrefillPlan, h, weight: str, eps: float, step: int):
-    """RMSNorm of every row of the [seq, d] tiles; row sums are all-reduced along grid rows."""
+def _norm(bld, p: PrefillPlan, h, weight: str, eps: float, step: int, kind: str = "rmsnorm"):
+    """RMSNorm (or LayerNorm: centred first, bias `weight + "_bias"` added last) of every row
+    of the [seq, d] tiles; row sums are all-reduced along grid rows."""
+    if kind not in ("rmsnorm", "layernorm"):
+        raise ProgramError(f"norm {kind!r} is not one of rmsnorm, layernorm")
+    if kind == "layernorm" and p.d % p.s:
+        raise ProgramError(f"prefill LayerNorm: d={p.d} must be a multiple of the grid side "
+                           f"{p.s} (padded columns would enter the variance)")
     i, j = p.ij
     every = p.core.ravel()
+    phys = np.argsort(p.pos)  # reduce along physically adjacent cores
+    nbytes = np.full(p.s, _nbytes(bld, p.mb))
+    x = np.asarray(h)
+    if kind == "layernorm":  # minus the mean: row sums of h @ (-1/d), all-reduced
+        neg = _alloc(bld, p, True, p.db, 1)
+        total = _alloc(bld, p, True, p.mb, 1)
+        bld.compute(every, step, OP_FILL, c=neg.ravel(), imm=(-1.0 / p.d, 0.0))
+        bld.compute(every, step, OP_ZERO, c=total.ravel())
+        bld.compute(every, step + 1, OP_MATMUL_ACC, c=total.ravel(), a=x.ravel(), b=neg.ravel())
+        step = _allreduce(bld, p.core[:, phys], total[:, phys], bld.like(total)[:, phys],
+                          step + 2, nbytes)
+        x = bld.like(h)
+        bld.compute(every, step, OP_ADD, c=x.ravel(), a=np.asarray(h).ravel(), b=total.ravel())
+        step += 1
     gw = _alloc(bld, p, True, 1, p.db, INPUT, bld.tensor(weight, 1, p.d), 0, j * p.db)
     ss = _alloc(bld, p, True, p.mb, 1)
-    bld.compute(every, step, OP_SQSUM, c=ss.ravel(), a=np.asarray(h).ravel())
-    phys = np.argsort(p.pos)  # reduce along physically adjacent cores
+    bld.compute(every, step, OP_SQSUM, c=ss.ravel(), a=x.ravel())
     step = _allreduce(bld, p.core[:, phys], ss[:, phys], bld.like(ss)[:, phys], step + 1,
-                      np.full(p.s, _nbytes(bld, p.mb)))
+                      nbytes)
     out = bld.like(h)
     bld.compute(every, step, OP_RSQRT, c=ss.ravel(), a=ss.ravel(), imm=(1.0 / p.d, eps))
-    bld.compute(every, step + 1, OP_MUL, c=out.ravel(), a=np.asarray(h).ravel(), b=ss.ravel())
+    bld.compute(every, step + 1, OP_MUL, c=out.ravel(), a=x.ravel(), b=ss.ravel())
     bld.compute(every, step + 2, OP_MUL, c=out.ravel(), a=out.ravel(), b=gw.ravel())
-    return out, step + 3
+    step += 3
+    if kind == "layernorm":
+        _add_bias(bld, p, out, bld.tensor(weight + "_bias", 1, p.d), np.arange(p.s) * p.db,
+                  np.full(p.s, p.db), step)
+        step += 1
+    return out, step
+
+
+def _add_bias(bld, p: PrefillPlan, y, tensor: int, c0, w, step: int) -> None:
+    """y += bias on every core holding a tile of y ([s, s] ids, -1: none): the tile's columns
+    c0[j]:+w[j] of the bias tensor [1, n], added to each of its rows."""
+    _, j = p.ij
+    on = np.asarray(y) >= 0
+    c0, w = np.asarray(c0)[j], np.asarray(w)[j]
+    bias = bld.buffers(p.core[on], 1, w[on], INPUT, tensor, 0, c0[on])
+    bld.compute(p.core[on], step, OP_ADD, c=np.asarray(y)[on], a=np.asarray(y)[on], b=bias)
 
 
 def _gemm(bld, p: PrefillPlan, a_parts, n_parts, step):
