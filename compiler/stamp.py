@@ -27,7 +27,15 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from compiler.program import RECV, SEND, MeshProgram, ProgramError, check_limits
+from compiler.program import (
+    RECV,
+    SEND,
+    MeshProgram,
+    ProgramError,
+    _deadlock,
+    check_limits,
+    report_deadlock,
+)
 from compiler.targets import MeshTarget
 
 
@@ -93,8 +101,23 @@ class Stamped:
         return used.sum(axis=1)
 
     def check(self, target: MeshTarget, what: str = "program") -> None:
+        """MeshProgram.check of the expanded program: limits from the parts, the order on
+        the timing columns."""
         check_limits(self.glue.width, self.glue.height, self.sram_per_core(),
                      self.colours_per_core(), target, what)
+        self.check_order(what)
+
+    def check_order(self, what: str = "program") -> None:
+        """MeshProgram.check_order of the expanded program, from the parts: the body alone,
+        then the glue with each copy's body as one node that waits for all its cores'
+        instructions before it and precedes all after it. A cycle through the expansion
+        would show in one of the two (the second can only add dependencies)."""
+        self.body.check_order(what)
+        g = self.glue
+        copy_of, _ = self._copy_of()
+        core, at = _deadlock(g.core_ptr, g.ins_kind, g.ins_arg, g.route_ptr, g.n_messages,
+                             g.loop_start, copy_of, self.copies)
+        report_deadlock(g, core, at, what)
 
     def expand(self, timing_only: bool = False) -> MeshProgram:
         """The whole program, every copy written out. `timing_only`: only what the simulator
