@@ -34,22 +34,27 @@ flight, not with route entries:
   it). A multicast message delivers at every entry: its delivery word is d such that
   mc_slot[e + d] is entry e's slot (-1: none). A slot's state is one int64: EMPTY, the arrival
   time of a delivery not yet consumed (>= 0), or a blocked core c (-2 - c).
-- A pending hop event is one row of 8 int32 (route entry, last entry, serialisation cycles,
-  delivery word, link, turn entry, direction after the turn, next). Events of the next NEAR
-  cycles are rows of contiguous per-cycle arrays in push order ("near buckets", NEAR_ROWS rows
-  each, then an overflow list), so the hop loop reads its events in sequence and can look
-  ahead. Events further ahead are rows of a pool in per-cycle lists ("far buckets", up to
-  WINDOW cycles ahead) or in the overflow heap beyond; a far bucket becomes a near bucket
-  when its cycle comes within NEAR cycles. Freed pool rows are reused first (a free list).
-  The pool and the heap are sized for every SEND the program runs (`max_pending`, an upper
-  bound on messages in flight) but allocated uninitialised, so only rows in use are backed
-  by memory: no program runs out of rows, and memory follows messages in flight. (Arrays are
-  never reallocated inside the kernel: Numba reference-counts a reassigned array at every use,
-  which cost 10% of the run time.)
+- A pending hop event is one row of 8 int32 (route entry, last entry, serialisation cycles, delivery
+  word, link, turn entry, direction after the turn, next). Events of the next NEAR (256) cycles are
+  rows of contiguous per-cycle arrays in push order ("near buckets", NEAR_ROWS rows each, then an
+  overflow list), so the hop loop reads its events in sequence and can look ahead. NEAR covers
+  nearly every hop queued behind a busy link and many SENDs (a core sends when its compute is done,
+  often tens of cycles ahead): a far bucket's rows, linked in a list, missed the cache when copied
+  into their near bucket (a fifth of the run time at 8 cycles); untouched rows of the near arrays
+  are never backed by memory. Events further ahead are rows of a pool in per-cycle lists ("far
+  buckets", up to WINDOW cycles ahead) or in the overflow heap beyond; a far bucket becomes a near
+  bucket when its cycle comes within NEAR cycles. Freed pool rows are reused first (a free list).
+  The pool and the heap are sized for every SEND the program runs (`max_pending`, an upper bound on
+  messages in flight) but allocated uninitialised, so only rows in use are backed by memory: no
+  program runs out of rows, and memory follows messages in flight. (Arrays are never reallocated
+  inside the kernel: Numba reference-counts a reassigned array at every use, which cost 10% of the
+  run time.)
 - Per-core state is one row of 8 int64 (time, wait, busy, pc, stop, end, loop start, loop-backs
   left) on one cache line, so resuming a core reads one line of state.
-- The hop loop prefetches what the next events will touch (their links, slots, receiving
-  cores' rows and code), so the cache misses of unrelated hops overlap.
+- The hop loop prefetches what the events after the next will touch (their links, slots,
+  receiving cores' rows and code), so the cache misses of unrelated hops overlap. (Prefetching a
+  hop's lines when it is queued, a cycle and hundreds of events earlier, was wasted: the lines
+  were gone again when it ran.)
 """
 
 from __future__ import annotations
@@ -78,10 +83,10 @@ C_TIME, C_WAIT, C_BUSY, C_PC, C_STOP, C_END, C_LSTART, C_LEFT = range(8)
 # the links from route_link), direction after the turn, next row (pool rows in lists)
 R_ENTRY, R_LAST, R_SER, R_DELIVERY, R_LINK, R_TURN, R_DIR2, R_NEXT = range(8)
 R_WIDTH = 8
-NEAR = 8  # cycles of near buckets (a power of two)
+NEAR = 256  # cycles of near buckets (a power of two)
 NMASK = NEAR - 1
 NEAR_ROWS = 1 << 14  # rows of a near bucket's array; more events overflow to a list
-LOOKAHEAD = 4  # events ahead whose receiving core's row is prefetched
+LOOKAHEAD = 4  # events ahead whose receiving core's row is prefetched (its code: 2 ahead)
 
 
 @intrinsic
@@ -198,30 +203,6 @@ def run_kernel(core_ptr, code_ptr, code, route_link, mc_slot, n_slots, n_links, 
     pc = _instruction_index(code, code_ptr, core_ptr, pc)
     return (status, events, core_time, core_busy, core_overhead, core_wait, pc, entry_arrival,
             link_free_at)
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _queue(pool, ev, t, seq, near, mb, now, ovf_head, ovf_tail, head, tail, heap, in_near,
-           in_far, n_heap):
-    """Queue pool row `ev` for time t: the near bucket's overflow list (`near`: t is within the
-    promoted near window, bucket mb), a far calendar bucket, or the overflow heap.
-    Returns the updated (in_near, in_far, n_heap)."""
-    if near:
-        if ovf_tail[mb] < 0:
-            ovf_head[mb] = ev
-        else:
-            pool[ovf_tail[mb], R_NEXT] = ev
-        ovf_tail[mb] = ev
-        return in_near + 1, in_far, n_heap
-    if t < now + WINDOW:
-        b = t & MASK
-        if tail[b] < 0:
-            head[b] = ev
-        else:
-            pool[tail[b], R_NEXT] = ev
-        tail[b] = ev
-        return in_near, in_far + 1, n_heap
-    return in_near, in_far, _push(heap, n_heap, t, seq, ev)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -379,9 +360,25 @@ def _run(flat, link_free_at, core_time, core_busy, core_overhead, core_wait, pc_
                         pool[ev, R_TURN] = turn
                         pool[ev, R_DIR2] = shape & 3
                         pool[ev, R_NEXT] = -1
-                        in_near, in_far, n_heap = _queue(
-                            pool, ev, t, seq, t <= promoted, mb, now, ovf_head, ovf_tail, head,
-                            tail, heap, in_near, in_far, n_heap)
+                        # Queued inline: a helper taking the arrays cost a dozen atomic
+                        # reference count updates per event queued, a quarter of the run time.
+                        if t <= promoted:  # the near bucket's overflow list
+                            if ovf_tail[mb] < 0:
+                                ovf_head[mb] = ev
+                            else:
+                                pool[ovf_tail[mb], R_NEXT] = ev
+                            ovf_tail[mb] = ev
+                            in_near += 1
+                        elif t < now + WINDOW:  # a far bucket
+                            b = t & MASK
+                            if tail[b] < 0:
+                                head[b] = ev
+                            else:
+                                pool[tail[b], R_NEXT] = ev
+                            tail[b] = ev
+                            in_far += 1
+                        else:
+                            n_heap = _push(heap, n_heap, t, seq, ev)
                     seq += 1
                     pc += SEND_WORDS - 1
                 else:
@@ -473,26 +470,28 @@ def _run(flat, link_free_at, core_time, core_busy, core_overhead, core_wait, pc_
             link = np.int64(near[nb, r, R_LINK])
             turn = near[nb, r, R_TURN]
             dir2 = near[nb, r, R_DIR2]
-            # Look ahead in the bucket: the link of the next event (and, if it delivers, its
-            # slot and the receiving core's row and code), the core row of one further on.
-            if pos < near_len[nb]:
-                link1 = near[nb, pos, R_LINK]
+            # Look ahead in the bucket: the link of the event after next (and, if it
+            # delivers, its slot and the receiving core's row and code; one event ahead is too
+            # late for these misses, more ahead was no faster), the core row of one further on.
+            n_nb = near_len[nb]
+            k = pos + 1
+            if k < n_nb:
+                link1 = near[nb, k, R_LINK]
                 _prefetch(link_free_at, link1)
-                e1 = near[nb, pos, R_ENTRY]
+                e1 = near[nb, k, R_ENTRY]
                 s1 = -1
-                if near[nb, pos, R_SER] < 0:
-                    s1 = mc_slot[e1 + near[nb, pos, R_DELIVERY]]
-                elif e1 == near[nb, pos, R_LAST]:
-                    s1 = near[nb, pos, R_DELIVERY]
+                if near[nb, k, R_SER] < 0:
+                    s1 = mc_slot[e1 + near[nb, k, R_DELIVERY]]
+                elif e1 == near[nb, k, R_LAST]:
+                    s1 = near[nb, k, R_DELIVERY]
                 if s1 >= 0:
                     _prefetch(slot, s1)
                     core1 = _far_core(link1, width)
                     _prefetch(flat, core1 * 8)
                     _prefetch(code, flat[core1 * 8 + C_PC] + 1)
-                k = pos + LOOKAHEAD
-                if k < near_len[nb] and (near[nb, k, R_SER] < 0
-                                         or near[nb, k, R_ENTRY] == near[nb, k, R_LAST]):
-                    _prefetch(flat, _far_core(near[nb, k, R_LINK], width) * 8)
+            k = pos + LOOKAHEAD
+            if k < n_nb and (near[nb, k, R_SER] < 0 or near[nb, k, R_ENTRY] == near[nb, k, R_LAST]):
+                _prefetch(flat, _far_core(near[nb, k, R_LINK], width) * 8)
         elif ovf_head[nb] >= 0:
             ev = ovf_head[nb]
             ovf_head[nb] = pool[ev, R_NEXT]
@@ -533,17 +532,6 @@ def _run(flat, link_free_at, core_time, core_busy, core_overhead, core_wait, pc_
                 link1 = _far_core(link, width) * 4 + dir2
             else:
                 link1 = link + step[link & 3]
-            # Prefetch what the next hop will touch: its link, and if it delivers, the slot and
-            # the receiving core's row.
-            _prefetch(link_free_at, link1)
-            s1 = -1
-            if multicast:
-                s1 = mc_slot[e + 1 + delivery]
-            elif e + 1 == last_entry:
-                s1 = delivery
-            if s1 >= 0:
-                _prefetch(slot, s1)
-                _prefetch(flat, _far_core(link1, width) * 8)
             mb = t & NMASK
             if t <= promoted and ovf_head[mb] < 0 and near_len[mb] < near_rows:
                 r = near_len[mb]
@@ -578,9 +566,23 @@ def _run(flat, link_free_at, core_time, core_busy, core_overhead, core_wait, pc_
                 pool[ev, R_ENTRY] = e + 1
                 pool[ev, R_LINK] = link1
                 pool[ev, R_NEXT] = -1
-                in_near, in_far, n_heap = _queue(
-                    pool, ev, t, seq, t <= promoted, mb, now, ovf_head, ovf_tail, head, tail, heap,
-                    in_near, in_far, n_heap)
+                if t <= promoted:  # as for a SEND
+                    if ovf_tail[mb] < 0:
+                        ovf_head[mb] = ev
+                    else:
+                        pool[ovf_tail[mb], R_NEXT] = ev
+                    ovf_tail[mb] = ev
+                    in_near += 1
+                elif t < now + WINDOW:
+                    b = t & MASK
+                    if tail[b] < 0:
+                        head[b] = ev
+                    else:
+                        pool[tail[b], R_NEXT] = ev
+                    tail[b] = ev
+                    in_far += 1
+                else:
+                    n_heap = _push(heap, n_heap, t, seq, ev)
             seq += 1
         elif ev >= 0:
             pool[ev, R_NEXT] = free_head
