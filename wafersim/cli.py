@@ -315,6 +315,92 @@ def compare(
 
 @app.command()
 @user_errors
+def serve(
+    model: str = typer.Argument(..., help="Zoo model name or a config.json path."),
+    wafer: str = typer.Option("", "--wafer", help="Wafer preset or target file (default wse2 "
+                                                  "when no --gpus)."),
+    gpus: str = typer.Option("", "--gpus", help="GPU cluster spec, e.g. 8xA100."),
+    rate: float = typer.Option(20.0, "--rate", help="Requests per second."),
+    duration: float = typer.Option(600.0, "--duration", help="Seconds of arrivals."),
+    prompt: int = typer.Option(512, "--prompt", help="Prompt tokens per request."),
+    output: int = typer.Option(256, "--output", help="Output tokens per request."),
+    arrivals: str = typer.Option("poisson", "--arrivals",
+                                 help="poisson, bursty, or a CSV trace (arrival_s, "
+                                      "prompt_tokens, output_tokens)."),
+    disaggregate: bool = typer.Option(False, "--disaggregate",
+                                      help="Prefill on its own wafer region / GPUs."),
+    prefill_fraction: float = typer.Option(0.5, "--prefill-fraction",
+                                           help="Wafer columns given to prefill."),
+    prefill_gpus: str = typer.Option("", "--prefill-gpus",
+                                     help="Prefill cluster (default: half of --gpus)."),
+    slo_ttft: float = typer.Option(1.0, "--slo-ttft", help="SLO on TTFT, seconds."),
+    slo_tpot: float = typer.Option(0.02, "--slo-tpot", help="SLO on TPOT, seconds."),
+    seed: int = typer.Option(0, "--seed"),
+    rates: str = typer.Option("", "--rates", help="Latency vs load: rates, e.g. 5,10,20,40."),
+    batches: str = typer.Option("", "--batches", help="Decode batch buckets, e.g. 1,2,4."),
+    ctxs: str = typer.Option("", "--ctxs", help="Decode context buckets, e.g. 1024,4096."),
+    prefill_tokens: str = typer.Option("", "--prefill-tokens", help="Prefill buckets."),
+    max_batch: int = typer.Option(0, "--max-batch", help="Cap on the decode batch (0: the "
+                                                         "hardware's)."),
+    error_points: int = typer.Option(2, "--error-points",
+                                     help="Off-bucket points simulated exactly to bound the "
+                                          "interpolation error (0: none)."),
+    cache_dir: str = typer.Option("", "--cache-dir", help="Keep step tables here (JSON)."),
+    wafer_prefill_util: float = typer.Option(0.0, "--wafer-prefill-util",
+                                             help="Estimate wafer prefill as FLOPs at this "
+                                                  "fraction of peak instead of simulating it."),
+    plot_path: str = typer.Option("", "--plot", help="Write KV occupancy (and latency vs "
+                                                     "load) to this PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Serve a request stream on a wafer and/or a GPU cluster: latency percentiles, goodput."""
+    from wafersim import serving
+
+    if max_batch < 0 or wafer_prefill_util < 0:
+        raise ValueError("--max-batch and --wafer-prefill-util must be >= 0")
+    status = Console(stderr=True).status("building step tables")
+    with status:
+        result = serving.run_serve(
+            model, wafer, gpus, rate, duration, prompt, output, arrivals, disaggregate,
+            prefill_fraction, prefill_gpus, serving.SLO(slo_ttft, slo_tpot), seed,
+            serving.parse_rates(rates) if rates else None, batches, ctxs, prefill_tokens,
+            max_batch or None, error_points, cache_dir, wafer_prefill_util or None,
+            progress=status.update)
+    if plot_path:
+        serving.plot(plot_path, result["systems"], result["curves"])
+    if as_json:
+        emit(result)
+        return
+    names = {"wafer": "wafer", "gpus": "GPUs"}
+    table = Table("", *[names[k] for k in result["systems"]],
+                  title=f"{result['model']} serving, {result['workload']}, {duration:g} s, "
+                        f"prompt {prompt}, output {output}")
+    for row in serving.table_rows(result):
+        table.add_row(*row)
+    console.print(table)
+    for s in result["systems"].values():
+        note = s["steps"]["prefill_note"] or ""
+        console.print(f"{s['system']}: decode buckets batch {s['steps']['batches']} x ctx "
+                      f"{s['steps']['ctxs']}" + (f"; prefill {note}" if note else ""),
+                      highlight=False, soft_wrap=True)
+    if result["curves"]:
+        curve = Table("rate", *[f"{names[k]} {m}" for k in result["curves"]
+                                for m in ("TTFT p50/p99", "TPOT p50/p99")],
+                      title="latency vs load")
+        rows = list(zip(*result["curves"].values()))
+        for per_rate in rows:
+            cells = [f"{per_rate[0]['rate']:g}"]
+            for r in per_rate:
+                cells += [f"{serving._ms(r['ttft_p50_ms'])} / {serving._ms(r['ttft_p99_ms'])}",
+                          f"{serving._ms(r['tpot_p50_ms'])} / {serving._ms(r['tpot_p99_ms'])}"]
+            curve.add_row(*cells)
+        console.print(curve)
+    if plot_path:
+        console.print(f"plot: {plot_path}")
+
+
+@app.command()
+@user_errors
 def noc(
     target: str = typer.Option("wse2", "--target", help="Preset name or target TOML/JSON file."),
     mesh: str = typer.Option("16x16", "--mesh", help="Cores to load, ROWSxCOLS."),
