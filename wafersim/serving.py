@@ -665,7 +665,7 @@ def table_rows(result: dict) -> list[tuple]:
         row("KV cache reserved mean / max", lambda s: f"{s['kv_reserved_mean']:.1%} / "
                                                       f"{s['kv_reserved_max']:.1%}"),
         row("KV capacity (tokens)", lambda s: f"{s['kv_capacity_tokens']:,}"),
-        row("batch mean / max", lambda s: f"{s['batch_mean']:.3g} / {s['max_batch']}"),
+        row("batch mean / limit", lambda s: f"{s['batch_mean']:.3g} / {s['max_batch']}"),
         row("drain after arrivals stop", lambda s: f"{s['drain_s']:.3g} s"),
         row("step points simulated", lambda s: str(s["steps"]["points_simulated"])),
         row("interpolation error (max)", lambda s: "-" if not s["steps"]["error"] else
