@@ -443,3 +443,18 @@ def test_routes_that_are_not_dimension_ordered_are_followed():
     # the staircase turns south at (1,0); only message 1 goes on east from there
     res = simulate(stair, T)
     assert res.link_bytes[1 * 4 + south] == 16 and res.link_bytes[1 * 4 + east] == 16
+
+
+@pytest.mark.parametrize("link,why", [
+    (0 * 4 + 1, "leaves the mesh"),  # west from x = 0
+    (2 * 4 + 0, "starts away from its source"),  # a link of another core
+])
+def test_a_route_through_a_missing_core_is_refused(link, why):
+    bld = ProgramBuilder(3, 1, "fp32")
+    a, b = bld.buffers([0, 1], 1, 1)
+    m = bld.messages(0, 1, 4, 0)
+    bld.send(0, 0, m, a)
+    bld.recv(1, 0, m, b)
+    prog = dataclasses.replace(bld.build(), route_link=np.array([link], np.int32))
+    with pytest.raises(SimulationError, match=why):
+        simulate(prog, T.with_mesh(3, 1))

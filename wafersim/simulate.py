@@ -262,6 +262,32 @@ def _loops(program: MeshProgram):
     return start, start, np.ones(program.cores, dtype=np.int64)
 
 
+_ROUTE_FAULTS = {1: "starts away from its source core", 2: "leaves the mesh (a missing core)",
+                 3: "jumps between cores that are not neighbours",
+                 4: "does not end at its destination core"}
+
+
+@numba.njit(cache=True, nogil=True)
+def _bad_route(msg_src, msg_dst, route_ptr, route_link, width, height):
+    """(message, fault) of the first route that is not a walk over the mesh's links from its
+    source to its destination (fault codes in _ROUTE_FAULTS), or (-1, 0)."""
+    for m in range(msg_src.shape[0]):
+        at = np.int64(msg_src[m])
+        for e in range(route_ptr[m], route_ptr[m + 1]):
+            link = np.int64(route_link[e])
+            core, d = link // 4, link % 4
+            if core != at:
+                return m, 1 if e == route_ptr[m] else 3
+            x, y = core % width, core // width
+            if (d == 0 and x == width - 1) or (d == 1 and x == 0) or (d == 2 and y == 0) or (
+                    d == 3 and y == height - 1) or core < 0 or core >= width * height:
+                return m, 2
+            at = core + (1 if d == 0 else -1 if d == 1 else -width if d == 2 else width)
+        if at != msg_dst[m] and route_ptr[m + 1] > route_ptr[m]:
+            return m, 4
+    return -1, 0
+
+
 def kernel_args(program: MeshProgram, target: MeshTarget, max_events: int | None = None,
                 arrivals: bool = True):
     """The kernel's positional arguments, in order (also used by the SimPy reference).
@@ -275,6 +301,12 @@ def kernel_args(program: MeshProgram, target: MeshTarget, max_events: int | None
         raise SimulationError(f"program has {program.n_hops:,} message hops and "
                               f"{program.n_messages:,} messages; the engine takes at most "
                               f"2**31 - 2 and {MAX_OPERAND:,}")
+    m, why = _bad_route(program.msg_src, program.msg_dst, program.route_ptr,
+                        program.route_link, program.width, program.height)
+    if m >= 0:
+        src = int(program.msg_src[m])
+        raise SimulationError(f"message {m} from core ({src % program.width},"
+                              f"{src // program.width}): its route {_ROUTE_FAULTS[why]}")
     core_ptr = np.asarray(program.core_ptr, dtype=np.int64)
     route_ptr = program.route_ptr
     route_link = program.route_link
