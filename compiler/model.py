@@ -176,10 +176,10 @@ def _check_supported(cfg: ModelConfig, phase: str, options: CompileOptions) -> N
     if phase not in ("decode", "prefill"):
         raise ProgramError(f"phase {phase!r}: the whole-model compiler lowers decode and "
                            "prefill")
-    if cfg.architecture == "bert":
-        raise ProgramError(f"{cfg.name}: BERT is an encoder (post-norm, bidirectional, no "
-                           f"token-by-token {phase}); the whole-model compiler lowers decoders "
-                           "(LLaMA family, GPT-2)")
+    if cfg.architecture == "bert" and phase == "decode":
+        raise ProgramError(f"{cfg.name}: BERT is an encoder (bidirectional, no token-by-token "
+                           "decode); compile its prefill (--phase prefill): one pass over the "
+                           "whole input")
     if phase == "prefill" and cfg.o_proj_bias != cfg.mlp_bias:
         raise ProgramError(f"{cfg.name}: o_proj_bias={cfg.o_proj_bias}, mlp_bias="
                            f"{cfg.mlp_bias}; prefill lowers both biases or neither")

@@ -43,6 +43,7 @@ from compiler.algorithms.prefill import (
     causal_mask,
     pack_weights,
     prefill_layer,
+    prefill_norm,
     prefill_plan,
     rope_table,
     unpack_k_cache,
@@ -189,7 +190,9 @@ def partition_prefill(cfg: ModelConfig, target: MeshTarget, seq: int, options,
     best = None
     for s in range(1, min(target.height, target.width, smax) + 1):
         if cfg.norm == "layernorm" and cfg.hidden_size % s:
-            continue  # LayerNorm's tiles must not be padded (prefill._norm)
+            continue  # LayerNorm's tiles must not be padded (prefill.prefill_norm)
+        if cfg.architecture == "bert" and seq % s:
+            continue  # an encoder's keys must not be padded (every token sees every key)
         n = min((target.height // s) * (target.width // s), L + 2)
         counts = _prefill_counts(cfg, target, s, n, seq, algo)
         if counts:
@@ -228,7 +231,7 @@ def lower_prefill(cfg: ModelConfig, width: int, height: int, placements, seq: in
                 bld, p.region, h, *shape, LAYER, eps=cfg.norm_eps, gated=cfg.gated_mlp,
                 act=model_activation(cfg.hidden_act), qkv_bias=cfg.qkv_bias, algo=gemm_algo,
                 step=LOOP, rope="rope" if cfg.position == "rope" else None, norm=cfg.norm,
-                bias=cfg.o_proj_bias)
+                bias=cfg.o_proj_bias, post_norm=cfg.architecture == "bert")
             if step >= EPI:
                 raise ProgramError("prefill layer body too long for the step ranges")
             _carry(bld, plan.core.ravel(), out, h, step)
@@ -284,6 +287,12 @@ def _embed(bld: ProgramBuilder, p, cfg: ModelConfig) -> np.ndarray:
                           0, phys * db)
         bld.compute(grid[root], step, OP_ADD, c=part[root], a=part[root], b=pos)
         step += 1
+    if cfg.architecture == "bert":  # + token type 0's row
+        kind = bld.buffers(grid[root], 1, db, INPUT,
+                           bld.tensor("type_embed", cfg.type_vocab_size, cfg.hidden_size), 0,
+                           phys * db)
+        bld.compute(grid[root], step, OP_ADD, c=part[root], a=part[root], b=kind)
+        step += 1
     # Scatter: the root of physical column c takes row block i and sends it to logical (i, j).
     h = bld.buffers(p.core.ravel(), mb, db).reshape(s, s)
     ir = phys[root]  # logical row of the root
@@ -296,6 +305,8 @@ def _embed(bld: ProgramBuilder, p, cfg: ModelConfig) -> np.ndarray:
             msgs = bld.messages(src, dst, _nbytes(bld, mb * db), _SCATTER)
             bld.send(src, step + 1, msgs, at)
             bld.recv(dst, step + 2, msgs, h[i, phys])
+    if cfg.architecture == "bert":  # BERT normalises the embeddings
+        h, _ = prefill_norm(bld, p, h, "embed_norm", cfg.norm_eps, step + 3, cfg.norm)
     return h
 
 
@@ -318,7 +329,8 @@ def _head(bld: ProgramBuilder, p, cfg: ModelConfig, h, step: int, levels: int, a
     row = p.core[ir, phys]  # the token's grid row, in physical order
     x = bld.buffers(row, 1, db)
     bld.compute(row, step, OP_TAKE, c=x, a=h[ir, phys], imm=(rr * db, 0.0))
-    if cfg.norm == "layernorm":  # minus the mean, all-reduced along the row
+    bert = cfg.architecture == "bert"  # no final norm: the last layer ends with one
+    if cfg.norm == "layernorm" and not bert:  # minus the mean, all-reduced along the row
         neg, mean = bld.buffers(row, db, 1), bld.buffers(row, 1, 1)
         bld.compute(row, step + 1, OP_FILL, c=neg, imm=(-1.0 / d, 0.0))
         bld.compute(row, step + 1, OP_ZERO, c=mean)
@@ -326,20 +338,23 @@ def _head(bld: ProgramBuilder, p, cfg: ModelConfig, h, step: int, levels: int, a
         step = _allreduce(bld, row[None, :], mean[None, :], bld.like(mean)[None, :], step + 3,
                           _nbytes(bld, [1]))
         bld.compute(row, step, OP_ADD, c=x, a=x, b=mean)
-    ss = bld.buffers(row, 1, 1)
-    bld.compute(row, step + 1, OP_SQSUM, c=ss, a=x)
-    step = _allreduce(bld, row[None, :], ss[None, :], bld.like(ss)[None, :], step + 2,
-                      _nbytes(bld, [1]))
-    gw = bld.buffers(row, 1, db, INPUT, bld.tensor("final_norm", 1, d), 0, phys * db)
-    xn = bld.like(x)
-    bld.compute(row, step, OP_RSQRT, c=ss, a=ss, imm=(1.0 / d, cfg.norm_eps))
-    bld.compute(row, step + 1, OP_MUL, c=xn, a=x, b=ss)
-    bld.compute(row, step + 2, OP_MUL, c=xn, a=xn, b=gw)
-    step += 3
-    if cfg.norm == "layernorm":
-        beta = bld.buffers(row, 1, db, INPUT, bld.tensor("final_norm_bias", 1, d), 0, phys * db)
-        bld.compute(row, step, OP_ADD, c=xn, a=xn, b=beta)
-        step += 1
+    xn, step = x, step + 1
+    if not bert:
+        ss = bld.buffers(row, 1, 1)
+        bld.compute(row, step, OP_SQSUM, c=ss, a=x)
+        step = _allreduce(bld, row[None, :], ss[None, :], bld.like(ss)[None, :], step + 1,
+                          _nbytes(bld, [1]))
+        gw = bld.buffers(row, 1, db, INPUT, bld.tensor("final_norm", 1, d), 0, phys * db)
+        xn = bld.like(x)
+        bld.compute(row, step, OP_RSQRT, c=ss, a=ss, imm=(1.0 / d, cfg.norm_eps))
+        bld.compute(row, step + 1, OP_MUL, c=xn, a=x, b=ss)
+        bld.compute(row, step + 2, OP_MUL, c=xn, a=xn, b=gw)
+        step += 3
+        if cfg.norm == "layernorm":
+            beta = bld.buffers(row, 1, db, INPUT, bld.tensor("final_norm_bias", 1, d), 0,
+                               phys * db)
+            bld.compute(row, step, OP_ADD, c=xn, a=xn, b=beta)
+            step += 1
     # Multicast the normalised row down every column: decode's GEMV layout on the grid.
     xb = np.full((s, s), -1, np.int64)  # [physical row, physical column]
     xb[p.pos[ir], :] = xn
@@ -371,12 +386,15 @@ def pack_prefill_inputs(compiled, weights: dict[str, np.ndarray], ids) -> dict[s
     plan = prefill_plan(p, compiled.program.width, compiled.ctx, cfg.hidden_size,
                         cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                         cfg.intermediate_size, algos(compiled.options)[0])
+    mask = causal_mask(plan)
+    if cfg.architecture == "bert":  # an encoder: every token sees every token
+        mask = np.zeros_like(mask)
     out = {"ids": ids.astype(np.float32).reshape(-1, 1), "embed": weights["embed"],
-           "final_norm": weights["final_norm"], "lm_head": weights["lm_head"],
-           "causal_mask": causal_mask(plan)}
+           "lm_head": weights["lm_head"], "causal_mask": mask}
     if cfg.position == "rope":
         out["rope"] = rope_table(compiled.ctx, cfg.head_dim, cfg.rope_theta)
-    for name in ("pos_embed", "final_norm_bias"):
+    for name in ("pos_embed", "final_norm", "final_norm_bias", "type_embed", "embed_norm",
+                 "embed_norm_bias"):
         if name in weights:
             out[name] = weights[name]
     for layer in range(cfg.num_hidden_layers):

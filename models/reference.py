@@ -9,9 +9,12 @@ RMSNorm, learned absolute positions (`pos_embed` [max_pos, d], its row added to 
 embedding) instead of RoPE, multi-head attention, biases on every projection, a plain GELU MLP
 and a tied LM head; the two are independent switches (`cfg.norm`, `cfg.position`).
 Everything is computed in float64 from float32 weights and the logits are cast to float32, so
-the oracle's own rounding error is far below the tolerance it is used with. Not modelled:
-rope_scaling (plain `rope_theta` frequencies), Mistral's sliding window (attention spans the
-whole context), BERT (post-norm encoder with token types), which is refused.
+the oracle's own rounding error is far below the tolerance it is used with. BERT is the
+post-norm encoder (BertModel): token + position + token-type-0 embeddings, LayerNorm'd
+(`embed_norm`); each layer x = LN(x + attn(x)), x = LN(x + mlp(x)); every token sees every
+token; no final norm; and, as models.graph's step, logits of each token through `lm_head`
+(BERT's masked-LM transform is not modelled). Not modelled: rope_scaling (plain `rope_theta`
+frequencies), Mistral's sliding window (attention spans the whole context).
 
 Weights use the x @ W convention (W is [in, out]); names are listed by `weight_shapes`.
 """
@@ -45,11 +48,8 @@ class KVCache:
 
 
 def check_supported(cfg: ModelConfig) -> None:
-    """Refuse configs that are not pre-norm decoders (BERT), naming the field, instead of
-    computing nonsense."""
-    if cfg.architecture == "bert":
-        raise ValueError(f"{cfg.name}: architecture={cfg.architecture!r} is not supported "
-                         "(post-norm encoder; decoders of the llama and gpt2 families only)")
+    """Refuse configs this oracle does not compute, naming the field, instead of computing
+    nonsense."""
     if cfg.norm not in ("rmsnorm", "layernorm"):
         raise ValueError(f"{cfg.name}: norm={cfg.norm!r} is not supported")
     if cfg.position not in ("rope", "learned"):
@@ -71,6 +71,10 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"embed": (cfg.vocab_size, d)}
     if cfg.position == "learned":
         shapes["pos_embed"] = (cfg.max_position_embeddings, d)
+    bert = cfg.architecture == "bert"
+    if bert:
+        shapes |= {"type_embed": (cfg.type_vocab_size, d), "embed_norm": (1, d),
+                   "embed_norm_bias": (1, d)}
     for l in range(cfg.num_hidden_layers):
         p = f"layers.{l}."
         shapes[p + "attn_norm"] = (1, d)
@@ -91,9 +95,10 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             if cfg.gated_mlp:
                 shapes[p + "gate_bias"] = (1, f)
             shapes |= {p + "up_bias": (1, f), p + "down_bias": (1, d)}
-    shapes["final_norm"] = (1, d)
-    if ln:
-        shapes["final_norm_bias"] = (1, d)
+    if not bert:
+        shapes["final_norm"] = (1, d)
+        if ln:
+            shapes["final_norm_bias"] = (1, d)
     shapes["lm_head"] = (d, cfg.vocab_size)
     return shapes
 
@@ -112,7 +117,7 @@ def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
             w = weights["embed"].T.copy()
         elif name == "embed":
             w = rng.standard_normal(shape)
-        elif name == "pos_embed":
+        elif name in ("pos_embed", "type_embed"):
             w = 0.5 * rng.standard_normal(shape)
         elif name.endswith("norm"):
             w = 1 + 0.1 * rng.standard_normal(shape)
@@ -220,19 +225,26 @@ def forward(
     if not rope and past + t > cfg.max_position_embeddings:
         raise ValueError(f"{cfg.name}: positions up to {past + t - 1} exceed the learned table "
                          f"of {cfg.max_position_embeddings} (max_position_embeddings)")
+    bert = cfg.architecture == "bert"
+    if bert and cache is not None:
+        raise ValueError(f"{cfg.name}: an encoder takes no KV cache")
     angles = _angles(cfg, np.arange(past, past + t)) if rope else None
-    # Query i (position past + i) may see keys 0 .. past + i.
+    # Query i (position past + i) may see keys 0 .. past + i (an encoder: every key).
     visible = np.arange(past + t)[None, :] <= past + np.arange(t)[:, None]
+    if bert:
+        visible = np.ones_like(visible)
     group = np.arange(heads) // (heads // kv_heads)  # kv head of each query head
 
     x = weights["embed"].astype(np.float64)[ids]
     if not rope:
         x = x + weights["pos_embed"].astype(np.float64)[past:past + t][None]
+    if bert:
+        x = _norm(cfg, x + weights["type_embed"].astype(np.float64)[0], weights, "embed_norm")
     ks, vs = [], []
     for l in range(cfg.num_hidden_layers):
         w = {k.removeprefix(f"layers.{l}."): v for k, v in weights.items()
              if k.startswith(f"layers.{l}.")}
-        h = _norm(cfg, x, w, "attn_norm")
+        h = x if bert else _norm(cfg, x, w, "attn_norm")
         q = _linear(h, w, "q").reshape(b, t, heads, hd)
         k = _linear(h, w, "k").reshape(b, t, kv_heads, hd)
         if rope:
@@ -252,14 +264,19 @@ def forward(
         p /= p.sum(axis=-1, keepdims=True)
         attn = np.einsum("bhts,bshd->bthd", p, vh).reshape(b, t, heads * hd)
         x = x + _linear(attn, w, "o")
-        h = _norm(cfg, x, w, "mlp_norm")
+        if bert:
+            x = _norm(cfg, x, w, "attn_norm")
+        h = x if bert else _norm(cfg, x, w, "mlp_norm")
         up = _linear(h, w, "up")
         if cfg.gated_mlp:
             y = _act(cfg.hidden_act, _linear(h, w, "gate")) * up
         else:
             y = _act(cfg.hidden_act, up)
         x = x + _linear(y, w, "down")
-    x = _norm(cfg, x, weights, "final_norm")
+        if bert:
+            x = _norm(cfg, x, w, "mlp_norm")
+    if not bert:
+        x = _norm(cfg, x, weights, "final_norm")
     logits = (x @ weights["lm_head"].astype(np.float64)).astype(np.float32)
     return logits, KVCache(tuple(ks), tuple(vs))
 

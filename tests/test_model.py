@@ -77,9 +77,8 @@ def test_memory_is_reported_and_checked():
 
 
 def test_unsupported_models_are_refused():
-    for phase in ("decode", "prefill"):
-        with pytest.raises(ProgramError, match="BERT is an encoder"):
-            compile_model(build_graph(load_model("bert-base"), phase, ctx_len=8), MESH)
+    with pytest.raises(ProgramError, match="BERT is an encoder"):
+        compile_model(build_graph(load_model("bert-base"), "decode", ctx_len=8), MESH)
     graph = build_graph(GPT2, "decode", ctx_len=8)  # build_graph caps ctx_len; so does lowering
     graph.graph["ctx_len"] = GPT2.max_position_embeddings
     with pytest.raises(ProgramError, match="max_position_embeddings"):
@@ -202,3 +201,27 @@ def test_a_placement_the_exact_check_refuses_gives_way_to_the_next(monkeypatch):
     monkeypatch.setattr(model, "partition", lambda *a: [too_small])
     with pytest.raises(ProgramError, match="SRAM on core"):
         compile_model(graph, MESH)
+
+
+BERT = dataclasses.replace(load_model("bert-base"), name="tiny-bert", hidden_size=48,
+                           num_attention_heads=4, num_key_value_heads=4, intermediate_size=96,
+                           num_hidden_layers=2, vocab_size=100, max_position_embeddings=32,
+                           dtype="fp32")
+
+
+@pytest.mark.parametrize("options", [CompileOptions(), CompileOptions(policy="pipeline")])
+def test_bert_prefill_encodes_like_the_reference(options):
+    """BERT's encoder pass: embeddings with token types and LayerNorm, bidirectional
+    attention, post-norm layers; the last token's logits and every layer's K / V."""
+    weights = random_weights(BERT, seed=3)
+    prompt = np.array([5, 61, 7, 99, 0, 42])
+    logits, cache = forward(BERT, weights, prompt[None])
+    compiled = compile_model(build_graph(BERT, "prefill", seq_len=len(prompt)), MESH, options)
+    out = execute(compiled.program, pack_inputs(compiled, weights, prompt))
+    np.testing.assert_allclose(out["logits"], logits[:, -1], rtol=1e-4, atol=1e-4)
+    k, v = unpack_caches(compiled, out)
+    for layer in range(BERT.num_hidden_layers):
+        np.testing.assert_allclose(v[layer], cache.v[layer], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ProgramError, match="multiple of the grid side"):
+        compile_model(build_graph(BERT, "prefill", seq_len=len(prompt)), MESH,
+                      CompileOptions(region=(4, 4)))

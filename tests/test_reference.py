@@ -168,12 +168,60 @@ def test_tied_lm_head_is_embed_transposed():
     assert w["lm_head"].flags.c_contiguous
 
 
-def test_refuses_encoder_configs():
-    cfg = load_model("bert-base")
-    with pytest.raises(ValueError, match="architecture='bert'"):
-        forward(cfg, {}, np.zeros((1, 1), dtype=int))
-    with pytest.raises(ValueError, match="architecture='bert'"):
-        random_weights(cfg)
+BERT = dataclasses.replace(load_model("bert-base"), name="tiny-bert", hidden_size=48,
+                           num_attention_heads=4, num_key_value_heads=4, intermediate_size=96,
+                           num_hidden_layers=2, vocab_size=100, max_position_embeddings=32,
+                           dtype="fp32")
+
+
+def bert_direct(cfg, w, ids):
+    """BertModel written independently, one token's row at a time: embeddings (token,
+    position, token type 0) through LayerNorm, post-norm layers over every token, then each
+    token's row through lm_head."""
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    hd, heads = cfg.head_dim, cfg.num_attention_heads
+
+    def ln(x, name):
+        mu = sum(x) / len(x)
+        var = sum((x - mu) ** 2) / len(x)
+        return (x - mu) / math.sqrt(var + cfg.norm_eps) * w[name][0] + w[name + "_bias"][0]
+
+    def lin(x, name):
+        return x @ w[name] + w[name + "_bias"][0]
+
+    xs = [ln(w["embed"][t] + w["pos_embed"][p] + w["type_embed"][0], "embed_norm")
+          for p, t in enumerate(ids)]
+    for l in range(cfg.num_hidden_layers):
+        p = f"layers.{l}."
+        q = [lin(x, p + "q") for x in xs]
+        k = [lin(x, p + "k") for x in xs]
+        v = [lin(x, p + "v") for x in xs]
+        out = []
+        for i, x in enumerate(xs):
+            attn = []
+            for hh in range(heads):
+                sl = slice(hh * hd, (hh + 1) * hd)
+                s = np.array([q[i][sl] @ kk[sl] / math.sqrt(hd) for kk in k])
+                e = np.exp(s - s.max())
+                attn.append(sum(pj * vv[sl] for pj, vv in zip(e / e.sum(), v)))
+            y = ln(x + lin(np.concatenate(attn), p + "o"), p + "attn_norm")
+            g = lin(y, p + "up")
+            g = np.array([0.5 * a * (1 + math.erf(a / math.sqrt(2))) for a in g])
+            out.append(ln(y + lin(g, p + "down"), p + "mlp_norm"))
+        xs = out
+    return np.array([x @ w["lm_head"] for x in xs])
+
+
+def test_bert_matches_direct_implementation():
+    w = random_weights(BERT, seed=5)
+    ids = ids_for(BERT, 2, 5, seed=6)
+    logits, _ = forward(BERT, w, ids)
+    for b in range(2):
+        np.testing.assert_allclose(logits[b], bert_direct(BERT, w, ids[b]), rtol=1e-4,
+                                   atol=1e-5)
+    assert "final_norm" not in w and w["type_embed"].shape == (2, 48)
+    with pytest.raises(ValueError, match="encoder takes no KV cache"):
+        forward(BERT, w, ids, forward(BERT, w, ids)[1])
 
 
 def test_rejects_bad_ids_and_weights():

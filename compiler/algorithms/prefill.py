@@ -174,7 +174,8 @@ def prefill_layer(bld: ProgramBuilder, region: Region, h, seq: int, d: int, head
                   kv_heads: int, hd: int, f: int, prefix: str, rope: str | None = "rope",
                   eps: float = 1e-5, gated: bool = True, act: str = "silu",
                   qkv_bias: bool = False, algo: str = "meshgemm", step: int = 0,
-                  mask: str = "causal_mask", norm: str = "rmsnorm", bias: bool = False):
+                  mask: str = "causal_mask", norm: str = "rmsnorm", bias: bool = False,
+                  post_norm: bool = False):
     """h + Attention(Norm(h)), then + MLP(Norm(.)), for `seq` tokens at positions 0..
 
     `h`: [s, s] buffer ids in the layout of `prefill_plan(region, bld.width, ...)` (see
@@ -182,25 +183,33 @@ def prefill_layer(bld: ProgramBuilder, region: Region, h, seq: int, d: int, head
     `.mlp_norm`, `.gate`, `.up`, `.down` as `pack_weights` gives them; constants `rope`
     (`rope_table`; None: no RoPE, as with learned positions) and `mask` (`causal_mask`).
     `norm`: "rmsnorm" or "layernorm" (its biases `.attn_norm_bias`, `.mlp_norm_bias`); `bias`:
-    the o and MLP projections have biases (`.o_bias`, `.up_bias`, ...), as GPT-2's do.
+    the o and MLP projections have biases (`.o_bias`, `.up_bias`, ...), as GPT-2's do;
+    `post_norm`: BERT's order, Norm(h + Attention(h)) then Norm(. + MLP(.)), and attention
+    over every token (an encoder's; `mask` then holds zeros).
     Returns (output buffer ids, next step).
     """
     plan = prefill_plan(region, bld.width, seq, d, heads, kv_heads, hd, f, algo)
     h, step = prefill_attention_block(bld, plan, h, prefix, rope=rope, mask=mask, eps=eps,
-                                      qkv_bias=qkv_bias, step=step, norm=norm, o_bias=bias)
+                                      qkv_bias=qkv_bias, step=step, norm=norm, o_bias=bias,
+                                      post_norm=post_norm)
     return prefill_mlp_block(bld, plan, h, prefix, gated=gated, act=act, eps=eps, step=step,
-                             norm=norm, bias=bias)
+                             norm=norm, bias=bias, post_norm=post_norm)
 
 
 def prefill_attention_block(bld: ProgramBuilder, plan: PrefillPlan, h, prefix: str, *,
                             rope: str | None = "rope", mask: str = "causal_mask",
                             eps: float = 1e-5, qkv_bias: bool = False, step: int = 0,
-                            norm: str = "rmsnorm", o_bias: bool = False):
-    """h + O(causal GQA(RoPE(Q), RoPE(K), V)) of Norm(h) (+ o's bias); writes
-    `{prefix}.k_cache`, `{prefix}.v_cache`. Returns (output buffer ids, next step)."""
+                            norm: str = "rmsnorm", o_bias: bool = False,
+                            post_norm: bool = False):
+    """h + O(causal GQA(RoPE(Q), RoPE(K), V)) of Norm(h) (+ o's bias), or with `post_norm`
+    Norm(h + O(...) of h); writes `{prefix}.k_cache`, `{prefix}.v_cache`. Returns (output
+    buffer ids, next step)."""
     p, lay, g, hd, s = plan, plan.lay, plan.g, plan.hd, plan.s
     i, j = p.ij
-    xn, step = _norm(bld, p, h, f"{prefix}.attn_norm", eps, step, norm)
+    if post_norm:  # the GEMMs shift their A tiles through it: keep h for the residual
+        xn, step = _copy(bld, p, h, step)
+    else:
+        xn, step = prefill_norm(bld, p, h, f"{prefix}.attn_norm", eps, step, norm)
     # One N-part per (head held, query head of the group) for q, per head held for k and v.
     heads_held = range(int(lay.nh.max()))
     width = [np.where(lay.nh > hh, lay.ne, 0) for hh in heads_held]
@@ -243,7 +252,10 @@ def prefill_attention_block(bld: ProgramBuilder, plan: PrefillPlan, h, prefix: s
             on = y >= 0
             bld.mark(y[on], OUTPUT, tc, (i * p.mb)[on], kcol[hh][j][on])
 
-    o, step = _attention(bld, p, q, k, v, mask, step)
+    if post_norm and p.seq % p.s:
+        raise ProgramError(f"encoder prefill: {p.seq} tokens must be a multiple of the grid "
+                           f"side {p.s} (padded keys would be attended to)")
+    o, step = _attention(bld, p, q, k, v, mask, step, causal=not post_norm)
     oa = [(o[hq], width[hq[0]], qcol[hq]) for hq in qcol]  # V's dims are in model order
     to = bld.tensor(f"{prefix}.o", p.heads * hd, p.d)
     dcols = (np.arange(s) * p.db, np.full(s, p.db))
@@ -253,18 +265,24 @@ def prefill_attention_block(bld: ProgramBuilder, plan: PrefillPlan, h, prefix: s
         step += 1
     res = bld.like(h)
     bld.compute(every, step, OP_ADD, c=res.ravel(), a=np.asarray(h).ravel(), b=proj.ravel())
+    if post_norm:
+        return prefill_norm(bld, p, res, f"{prefix}.attn_norm", eps, step + 1, norm)
     return res, step + 1
 
 
 def prefill_mlp_block(bld: ProgramBuilder, plan: PrefillPlan, h, prefix: str, *,
                       gated: bool = True, act: str = "silu", eps: float = 1e-5, step: int = 0,
-                      norm: str = "rmsnorm", bias: bool = False):
+                      norm: str = "rmsnorm", bias: bool = False, post_norm: bool = False):
     """h + down(act(gate(x)) * up(x)), x = Norm(h) (no gate: down(act(up(x)))); `bias`: each
-    projection adds its bias. Returns (output buffer ids, next step)."""
+    projection adds its bias; `post_norm`: Norm(h + down(...) of h). Returns (output buffer
+    ids, next step)."""
     if act not in ACTIVATIONS:
         raise ProgramError(f"activation {act!r} is not one of {', '.join(ACTIVATIONS)}")
     p, s = plan, plan.s
-    xn, step = _norm(bld, p, h, f"{prefix}.mlp_norm", eps, step, norm)
+    if post_norm:
+        xn, step = _copy(bld, p, h, step)
+    else:
+        xn, step = prefill_norm(bld, p, h, f"{prefix}.mlp_norm", eps, step, norm)
     fcols = (np.arange(s) * p.fb, np.full(s, p.fb))
     names = ("gate", "up") if gated else ("up",)
     outs = [(bld.tensor(f"{prefix}.{n}", p.d, p.f), *fcols) for n in names]
@@ -287,6 +305,8 @@ def prefill_mlp_block(bld: ProgramBuilder, plan: PrefillPlan, h, prefix: str, *,
         step += 1
     out = bld.like(h)
     bld.compute(every, step, OP_ADD, c=out.ravel(), a=np.asarray(h).ravel(), b=down.ravel())
+    if post_norm:
+        return prefill_norm(bld, p, out, f"{prefix}.mlp_norm", eps, step + 1, norm)
     return out, step + 1
 
 
@@ -340,7 +360,8 @@ def _allreduce(bld, lines, acc, tmp, step, nbytes, op=OP_ADD) -> int:
     return line_broadcast(bld, lines, root, acc[:, root], acc, step, _REDUCE + 2, nbytes)
 
 
-def _norm(bld, p: PrefillPlan, h, weight: str, eps: float, step: int, kind: str = "rmsnorm"):
+def prefill_norm(bld, p: PrefillPlan, h, weight: str, eps: float, step: int,
+                 kind: str = "rmsnorm"):
     """RMSNorm (or LayerNorm: centred first, bias `weight + "_bias"` added last) of every row
     of the [seq, d] tiles; row sums are all-reduced along grid rows."""
     if kind not in ("rmsnorm", "layernorm"):
@@ -379,6 +400,13 @@ def _norm(bld, p: PrefillPlan, h, weight: str, eps: float, step: int, kind: str 
                   np.full(p.s, p.db), step)
         step += 1
     return out, step
+
+
+def _copy(bld, p: PrefillPlan, h, step: int):
+    """A copy of the tiles `h`; returns (buffer ids, next step)."""
+    out = bld.like(h)
+    bld.compute(p.core.ravel(), step, OP_COPY, c=out.ravel(), a=np.asarray(h).ravel())
+    return out, step + 1
 
 
 def _add_bias(bld, p: PrefillPlan, y, tensor: int, c0, w, step: int) -> None:
@@ -535,11 +563,13 @@ def _summa(bld, p, a_parts, n_parts, out, pool_a, pool_b, step):
     return step + 3 * s
 
 
-def _attention(bld, p: PrefillPlan, q, k, v, mask, step):
+def _attention(bld, p: PrefillPlan, q, k, v, mask, step, causal: bool = True):
     """Causal GQA by query blocks; returns ({(head held, query head): o buffers}, next step).
 
     At step t core (i, j) (i >= t) holds K/V block i - t: it forwards it south and folds it
-    into its online softmax (running max m, denominator l, numerator acc).
+    into its online softmax (running max m, denominator l, numerator acc). Not `causal` (an
+    encoder): every row holds block (i - t) mod s at step t, the blocks going round the
+    grid's columns (the interleaved ring keeps the wrap short), s steps in all.
     """
     lay, s, mb = p.lay, p.s, p.mb
     i, j = p.ij
@@ -559,8 +589,8 @@ def _attention(bld, p: PrefillPlan, q, k, v, mask, step):
     south = p.core[(i + 1) % s, j]
     kcur, vcur = list(k), list(v)
     for t in range(s):
-        live = i >= t
-        send = live & (i < s - 1)
+        live = i >= t if causal else np.ones_like(i, dtype=bool)
+        send = live & (i < s - 1) if causal else live & (t < s - 1)
         nxt_k, nxt_v = [], []
         for hh in range(len(k)):  # forward the block south (row i + 1 needs it next)
             for cur, pool, nxt in ((kcur, kr, nxt_k), (vcur, vr, nxt_v)):
