@@ -471,3 +471,83 @@ def noc(
     console.print(table)
     if output:
         console.print(f"plot: {output}")
+
+
+@app.command()
+@user_errors
+def sweep(
+    sweep_file: str = typer.Argument(..., help="A sweep TOML file (tables base and axes; "
+                                                "docs/sweep.md)."),
+    out: str = typer.Option("", "-o", "--out",
+                            help="Results CSV, appended per point (default: the sweep file's "
+                                 "name with .csv); a sweep run again skips points already in "
+                                 "it."),
+    scheduler: str = typer.Option("", "--scheduler",
+                                  help="An existing dask scheduler, tcp://HOST:PORT (default: a "
+                                       "local cluster of --workers processes)."),
+    workers: int = typer.Option(2, "--workers", help="Worker processes of the local cluster."),
+    limit: int = typer.Option(-1, "--limit", help="Run at most this many new points (-1: all)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed",
+                                      help="Run again the points recorded with an error."),
+    plot: str = typer.Option("", "--plot", help="Write a Pareto plot to this PNG."),
+    pareto_x: str = typer.Option("cores", "--pareto-x",
+                                 help="Cost axis of the Pareto front (minimised): a numeric "
+                                      "column, e.g. cores, sram_bytes."),
+    pareto_y: str = typer.Option("tokens_per_s", "--pareto-y",
+                                 help="Benefit of the Pareto front (maximised)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Compile and simulate every point of a design-space sweep on dask; a results table and
+    its Pareto front (docs/sweep.md)."""
+    from pathlib import Path
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from wafersim import sweep as sw
+
+    spec = sw.load_sweep(sweep_file)
+    out_path = Path(out) if out else Path(sweep_file).with_suffix(".csv")
+    columns = spec.columns()
+    for option, name in (("--pareto-x", pareto_x), ("--pareto-y", pareto_y)):
+        sw.check_column(columns, name, option)
+    progress = Progress("[progress.description]{task.description}", BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=Console(stderr=True), transient=as_json)
+    task = None
+
+    def tick(done: int, total: int, row):
+        nonlocal task
+        if task is None:
+            task = progress.add_task(f"sweep {Path(sweep_file).name}", total=total)
+        progress.update(task, completed=done)
+
+    with progress:
+        report = sw.run_sweep(spec, out_path, scheduler=scheduler or None, workers=workers,
+                              limit=None if limit < 0 else limit, retry_failed=retry_failed,
+                              progress=tick)
+    _, rows = sw.read_results(out_path)
+    keys = {p.key for p in spec.points()[0]}
+    rows = [r for r in rows if r["key"] in keys]
+    front = sw.pareto_front(rows, pareto_x, pareto_y)
+    if plot:
+        sw.plot_pareto(rows, plot, pareto_x, pareto_y, title=f"{Path(sweep_file).stem}: "
+                                                             f"{pareto_y} vs {pareto_x}")
+    shown = list(spec.axes) + [c for c in (pareto_x, pareto_y) if c not in spec.axes]
+    result = {**report.to_dict(), "sweep": sweep_file, "rows": len(rows),
+              "failed_total": sum(bool(r.get("error")) for r in rows), "plot": plot or None,
+              "pareto_x": pareto_x, "pareto_y": pareto_y,
+              "pareto": [{"key": r["key"], **{c: r.get(c) for c in shown}} for r in front]}
+    if as_json:
+        emit(result)
+        return
+    console.print(f"{report.computed} points run ({report.failed} failed), {report.skipped} "
+                  f"already in {out_path}, {report.duplicates} duplicates, {report.remaining} "
+                  f"left; {report.wall_s:.1f} s on {report.workers or '-'} workers",
+                  highlight=False)
+    table = Table("key", *shown, title=f"Pareto front: {pareto_y} (max) vs {pareto_x} (min)")
+    for r in result["pareto"]:
+        table.add_row(*(str(r[c]) if not isinstance(r[c], float) else f"{r[c]:.4g}"
+                        for c in ("key", *shown)))
+    console.print(table)
+    if plot:
+        console.print(f"plot: {plot}")
