@@ -3,6 +3,7 @@ benchmarks/fuzz.py (which imports this file by path)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -74,7 +75,8 @@ def corrupt(raw: bytes, draw) -> bytes:
 
 @st.composite
 def random_llama(draw):
-    """(cfg, target, batch, ctx, policy, seed): a small LLaMA-family decode step."""
+    """(cfg, target, batch, ctx, policy, seed): a small LLaMA-family decode step on a random
+    mesh with random link bandwidth, hop latency and overheads."""
     hd = draw(st.sampled_from([4, 8, 16]))
     kv = draw(st.sampled_from([1, 2, 4]))
     heads = kv * draw(st.sampled_from([1, 2]))
@@ -84,7 +86,13 @@ def random_llama(draw):
     if draw(st.booleans()):
         d["attention_bias"] = True
     cfg = ModelConfig.from_dict(d, "random-llama")
-    target = load_target("wse2").with_mesh(draw(st.integers(3, 12)), draw(st.integers(3, 12)))
+    target = dataclasses.replace(  # a WSE-2-like core with random fabric and overheads
+        load_target("wse2").with_mesh(draw(st.integers(3, 12)), draw(st.integers(3, 12))),
+        link_bytes_per_cycle=draw(st.sampled_from([1, 2, 4, 8])),
+        hop_latency_cycles=draw(st.integers(0, 4)),
+        send_overhead_cycles=draw(st.integers(0, 8)),
+        recv_overhead_cycles=draw(st.integers(0, 8)),
+        compute_overhead_cycles=draw(st.integers(0, 4)))
     return (cfg, target, draw(st.integers(1, 2)), draw(st.integers(1, 12)),
             draw(st.sampled_from(POLICIES)), draw(st.integers(0, 2**16)))
 
