@@ -24,7 +24,8 @@ from compiler.program import MeshProgram
 from compiler.stamp import Stamped
 
 FORMAT = "wafersim-layout"
-VERSION = 3  # 2: a program or a stamped program's parts (compiler.stamp); 3: the checksum covers the header
+# 2: a program or a stamped program's parts (compiler.stamp); 3: the checksum covers the header
+VERSION = 3
 _SCALARS = ("width", "height", "dtype", "tensors", "meta")
 _PROGRAM_FIELDS = {f.name for f in dataclasses.fields(MeshProgram)}
 
