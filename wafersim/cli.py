@@ -232,6 +232,8 @@ def simulate_cmd(
     layers: str = typer.Option("all", "--layers",
                                help="all: simulate every layer; one: one layer per region, "
                                     "extrapolated (the layers are identical by construction)."),
+    trace: str = typer.Option("", "--trace", help="Also write a Chrome/Perfetto trace "
+                                                  "(JSON) of up to 64 sampled cores."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Simulate a compiled layout: throughput, latency, utilisation, traffic."""
@@ -244,11 +246,63 @@ def simulate_cmd(
         raise ValueError(f"{layout}: not a whole-model layout (no target recorded)")
     tgt = MeshTarget.from_dict(info["target"])
     summary = simulate_layout(program, tgt, info, layers)
+    if trace:
+        from wafersim.trace import write_trace
+
+        meta = write_trace(program, tgt, trace)
+        summary.update(trace=trace, trace_cores=len(meta["cores"]),
+                       trace_loop_capped=meta["loop_capped"])
     if as_json:
         emit(summary)
         return
     _print_pairs(Table("", "", title=f"{summary['model']} {summary['phase']} on {tgt.name}"),
                  summary)
+
+
+PLOT_KINDS = ("util", "traffic", "placement", "memory", "time")
+
+
+@app.command()
+@user_errors
+def plot(
+    layout: str = typer.Argument(..., help="A layout file from `wafersim compile`."),
+    kind: str = typer.Option("util", "--kind", help="util, traffic, placement, memory or time."),
+    output: str = typer.Option("plot.png", "-o", "--output", help="The PNG to write."),
+    layers: str = typer.Option("all", "--layers",
+                               help="all: every layer simulated; one: each region's layer loop "
+                                    "run once (util, traffic)."),
+    cores: int = typer.Option(8, "--cores", help="Cores in the timeline (kind time)."),
+):
+    """Draw a map of a compiled layout: utilisation, link traffic, placement, SRAM, timelines."""
+    import dataclasses
+
+    import numpy as np
+
+    from compiler.layout import load_layout
+    from compiler.targets import MeshTarget
+    from wafersim import viz
+
+    if kind not in PLOT_KINDS:
+        raise ValueError(f"--kind {kind!r} is not one of {', '.join(PLOT_KINDS)}")
+    if layers not in ("all", "one"):
+        raise ValueError(f"--layers {layers!r} is not one of all, one")
+    program, info = load_layout(layout, timing_only=kind != "memory")
+    if "target" not in info:
+        raise ValueError(f"{layout}: not a whole-model layout (no target recorded)")
+    tgt = MeshTarget.from_dict(info["target"])
+    if kind == "placement":
+        fig = viz.placement_map(info, program.width, program.height)
+    elif kind == "memory":
+        fig = viz.memory_map(program, tgt)
+    elif kind == "time":
+        fig = viz.timeline(program, tgt, max_cores=max(cores, 1))
+    else:
+        if layers == "one" and program.looped:
+            program = dataclasses.replace(program, loop_count=np.minimum(program.loop_count, 1))
+        res = simulate(program, tgt)
+        fig = viz.util_map(res) if kind == "util" else viz.traffic_map(res)
+    viz.save(fig, output)
+    print(f"plot: {output}")
 
 
 @app.command()
