@@ -605,3 +605,62 @@ def sweep(
     console.print(table)
     if plot:
         console.print(f"plot: {plot}")
+
+
+@app.command()
+@user_errors
+def layer(
+    model: str = typer.Argument(..., help="Zoo model name or a config.json path."),
+    phase: str = typer.Option("decode", "--phase", help="decode or prefill."),
+    grid: str = typer.Option("360", "--grid", help="P of the P x P grid, or P1,P2,... to "
+                                                   "sweep."),
+    ctx: int = typer.Option(4096, "--ctx",
+                            help="Tokens in the KV cache (prefill: the prompt length)."),
+    target: str = typer.Option("wse2", "--target", help="Preset name or target TOML/JSON file."),
+    attention: str = typer.Option("model", "--attention",
+                                  help="paper: one full-width head, shapes rounded up to P "
+                                       "(WaferLLM); model: the real GQA shapes."),
+    output: str = typer.Option("", "-o", "--output", help="Plot tokens/s against P (PNG)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """One layer on a P x P grid, tokens/s extrapolated as one layer x layer count
+    (WaferLLM's method)."""
+    from models import load_model
+    from wafersim.layer import layer_run, parse_grids, plot_sweep
+
+    grids = parse_grids(grid)
+    tgt = load_target(target)
+    cfg = load_model(model)
+    rows = [layer_run(cfg, tgt, p, phase, ctx, attention) for p in grids]
+    if output:
+        plot_sweep(rows, output)
+    if as_json:
+        emit(rows[0] if len(rows) == 1 else {"extrapolated": True, "rows": rows,
+                                             "plot": output or None})
+        return
+    if len(rows) == 1:
+        r = rows[0]
+        _print_pairs(Table("", "", title=f"{cfg.name} {phase}: one layer on {r['grid']}x"
+                                         f"{r['grid']} cores of {tgt.name} ({attention} "
+                                         "attention)"), r)
+    else:
+        table = Table("P", "layer cycles", "estimate", "1-layer step", "layer SRAM/core",
+                      "busy", "tokens/s", "vocab",
+                      title=f"{cfg.name} {phase}, {attention} attention, on {tgt.name}: "
+                            f"one layer x {cfg.num_hidden_layers} (extrapolated)")
+        for r in rows:
+            est = r["estimate_layer_cycles"]
+            table.add_row(str(r["grid"]), f"{r['layer_cycles']:,}",
+                          "-" if est is None else f"{est:,.0f}",
+                          f"{r['one_layer_step_cycles']:,}", f"{r['layer_sram_max_bytes']:,} B",
+                          f"{r['busy_fraction']:.1%}", f"{r['tokens_per_s']:,.0f}",
+                          "shrunk to P" if r["vocab_shrunk"] else "real")
+        console.print(table)
+    console.print(f"extrapolated: true (tokens/s = tokens / (layers x layer s); "
+                  f"{cfg.num_hidden_layers} layers)", highlight=False)
+    if any(r["vocab_shrunk"] for r in rows):
+        console.print("vocab_size shrunk to P for the measurement: the tables do not fit one "
+                      "P x P region with the layers (they are outside the layer's time)",
+                      highlight=False)
+    if output:
+        console.print(f"plot: {output}")

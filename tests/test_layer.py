@@ -1,0 +1,121 @@
+"""`wafersim layer`: one layer on a P x P grid, extrapolated (WaferLLM's method)."""
+
+import dataclasses
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from compiler.model import CompileOptions, compile_model
+from compiler.program import ProgramError
+from compiler.targets import load_target
+from models import build_graph, load_model
+from wafersim.cli import app
+from wafersim.layer import layer_run
+from wafersim.whole import simulate_layout
+
+runner = CliRunner()
+CFG = load_model("tiny-llama")
+WSE2 = load_target("wse2")
+
+
+def _whole_step(cfg, layers: int, p: int, phase: str, ctx: int) -> int:
+    cfg = dataclasses.replace(cfg, num_hidden_layers=layers)
+    tgt = WSE2.with_mesh(p, p)
+    graph = (build_graph(cfg, phase, seq_len=ctx) if phase == "prefill"
+             else build_graph(cfg, phase, ctx_len=ctx))
+    compiled = compile_model(graph, tgt, CompileOptions(region=(p, p)))
+    return simulate_layout(compiled.timing_program(), tgt, compiled.info(), "all")[
+        "makespan_cycles"]
+
+
+@pytest.mark.parametrize("p,phase", [(8, "decode"), (16, "decode"), (8, "prefill")])
+def test_layer_is_two_layer_step_minus_one_layer_step(p, phase):
+    r = layer_run(CFG, WSE2, p, phase, ctx=32)
+    one, two = _whole_step(CFG, 1, p, phase, 32), _whole_step(CFG, 2, p, phase, 32)
+    assert r["one_layer_step_cycles"] == one
+    assert r["two_layer_step_cycles"] == two
+    assert r["layer_cycles"] == two - one > 0
+    assert r["extrapolated"] is True and not r["vocab_shrunk"]
+
+
+def test_extrapolated_tokens_per_s_formula():
+    cfg = dataclasses.replace(CFG, num_hidden_layers=32)  # the layer count only scales
+    r = layer_run(cfg, WSE2, 8, "decode", ctx=32)
+    layer_s = r["layer_cycles"] / WSE2.clock_hz
+    rest_s = r["one_layer_step_cycles"] / WSE2.clock_hz - layer_s
+    assert r["layers"] == 32
+    assert r["tokens_per_s"] == pytest.approx(1 / (32 * layer_s))
+    assert r["tokens_per_s_with_rest"] == pytest.approx(1 / (32 * layer_s + rest_s))
+    assert r["rest_s"] == pytest.approx(rest_s)
+    # prefill: the prompt's tokens per step
+    r = layer_run(cfg, WSE2, 8, "prefill", ctx=32)
+    assert r["tokens_per_s"] == pytest.approx(32 / (32 * r["layer_cycles"] / WSE2.clock_hz))
+
+
+def test_breakdown_and_estimate_are_sane():
+    r = layer_run(CFG, WSE2, 8, "decode", ctx=32)
+    parts = r["last_core_compute"] + r["last_core_overhead"] + r["last_core_wait"]
+    assert parts == pytest.approx(1.0, abs=0.05)
+    assert 0 < r["busy_fraction"] < 1 and 0 <= r["idle_fraction"] < 1
+    assert r["layer_link_bytes"] > 0 and r["layer_messages"] > 0 and r["layer_flops"] > 0
+    assert 0 < r["layer_sram_max_bytes"] <= r["one_layer_step_sram_max_bytes"]
+    assert r["fits"] and r["sram_limit_bytes"] == WSE2.sram_bytes
+    assert r["estimate_layer_cycles"] == pytest.approx(r["layer_cycles"], rel=0.2)
+    assert layer_run(CFG, WSE2, 8, "prefill", ctx=32)["estimate_layer_cycles"] is None
+
+
+def test_paper_attention_changes_the_shapes():
+    r = layer_run(CFG, WSE2, 12, "decode", ctx=50, attention="paper")
+    assert (r["num_attention_heads"], r["num_key_value_heads"]) == (1, 1)
+    assert r["hidden_size"] == 72 and r["head_dim"] == 72  # 64 rounded up to 12
+    assert r["intermediate_size"] == 180  # 176 rounded up
+    assert r["ctx"] == 60
+    m = layer_run(CFG, WSE2, 12, "decode", ctx=50, attention="model")
+    assert (m["num_attention_heads"], m["num_key_value_heads"], m["head_dim"]) == (4, 2, 16)
+    assert (m["hidden_size"], m["ctx"]) == (64, 50)
+
+
+def test_paper_attention_refuses_beyond_the_rope_limit():
+    with pytest.raises(ProgramError, match="head_dim/2"):
+        layer_run(CFG, WSE2, 72, "decode", ctx=64, attention="paper")
+
+
+def test_vocabulary_shrunk_when_the_tables_do_not_fit():
+    big = dataclasses.replace(CFG, vocab_size=400_000)
+    r = layer_run(big, WSE2, 8, "decode", ctx=32)
+    assert r["vocab_shrunk"] and r["vocab_size"] == 8
+    assert r["layer_cycles"] == layer_run(CFG, WSE2, 8, "decode", ctx=32)["layer_cycles"]
+
+
+def test_cli_json_keys():
+    out = runner.invoke(app, ["layer", "tiny-llama", "--grid", "8", "--ctx", "32", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert data["extrapolated"] is True
+    assert {"layer_cycles", "layer_s", "estimate_layer_cycles", "one_layer_step_cycles",
+            "tokens_per_s", "tokens_per_s_with_rest", "last_core_compute",
+            "last_core_overhead", "last_core_wait", "busy_fraction", "idle_fraction",
+            "layer_link_bytes", "layer_sram_max_bytes", "sram_limit_bytes", "fits",
+            "vocab_shrunk", "grid", "attention", "layers"} <= set(data)
+
+
+def test_cli_sweep_rows_text_and_plot(tmp_path):
+    png = tmp_path / "sweep.png"
+    out = runner.invoke(app, ["layer", "tiny-llama", "--grid", "8,16", "--ctx", "32",
+                              "--attention", "paper", "--json", "-o", str(png)])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert data["extrapolated"] is True and [r["grid"] for r in data["rows"]] == [8, 16]
+    assert png.stat().st_size > 0
+    out = runner.invoke(app, ["layer", "tiny-llama", "--grid", "8,16", "--ctx", "32"])
+    assert out.exit_code == 0, out.output
+    assert "extrapolated: true" in out.stdout and "estimate" in out.stdout
+
+
+@pytest.mark.parametrize("args", [["--grid", "0"], ["--grid", "abc"], ["--grid", "2000"],
+                                  ["--attention", "heads"], ["--phase", "train"]])
+def test_cli_bad_input_is_one_line_exit_2(args):
+    out = runner.invoke(app, ["layer", "tiny-llama", "--ctx", "32", *args])
+    assert out.exit_code == 2, (args, out.output)
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1
