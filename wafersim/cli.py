@@ -234,6 +234,8 @@ def simulate_cmd(
                                     "extrapolated (the layers are identical by construction)."),
     trace: str = typer.Option("", "--trace", help="Also write a Chrome/Perfetto trace "
                                                   "(JSON) of up to 64 sampled cores."),
+    report: str = typer.Option("", "--report", help="Also write a self-contained HTML report "
+                                                    "(summary, maps)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Simulate a compiled layout: throughput, latency, utilisation, traffic."""
@@ -252,6 +254,11 @@ def simulate_cmd(
         meta = write_trace(program, tgt, trace)
         summary.update(trace=trace, trace_cores=len(meta["cores"]),
                        trace_loop_capped=meta["loop_capped"])
+    if report:
+        from wafersim.report import write_report
+
+        write_report(report, program, tgt, info, summary, layers)
+        summary["report"] = report
     if as_json:
         emit(summary)
         return
