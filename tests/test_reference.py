@@ -168,6 +168,33 @@ def test_tied_lm_head_is_embed_transposed():
     assert w["lm_head"].flags.c_contiguous
 
 
+def _ln(w, x, name, eps):
+    """LayerNorm from its definition, weight `name`, bias `name + "_bias"`."""
+    mu = sum(x) / len(x)
+    var = sum((x - mu) ** 2) / len(x)
+    return (x - mu) / math.sqrt(var + eps) * w[name][0] + w[name + "_bias"][0]
+
+
+def _lin(w, x, name):
+    return x @ w[name] + w[name + "_bias"][0]
+
+
+def _erf_gelu(x):
+    return np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x])
+
+
+def _attend(q, keys, values, heads, hd):
+    """One query row against lists of key / value rows, head by head, softmax by its
+    definition."""
+    out = []
+    for i in range(heads):
+        sl = slice(i * hd, (i + 1) * hd)
+        s = np.array([q[sl] @ kk[sl] / math.sqrt(hd) for kk in keys])
+        e = np.exp(s - s.max())
+        out.append(sum(pj * vv[sl] for pj, vv in zip(e / e.sum(), values)))
+    return np.concatenate(out)
+
+
 BERT = dataclasses.replace(load_model("bert-base"), name="tiny-bert", hidden_size=48,
                            num_attention_heads=4, num_key_value_heads=4, intermediate_size=96,
                            num_hidden_layers=2, vocab_size=100, max_position_embeddings=32,
@@ -182,32 +209,18 @@ def bert_direct(cfg, w, ids):
     hd, heads = cfg.head_dim, cfg.num_attention_heads
 
     def ln(x, name):
-        mu = sum(x) / len(x)
-        var = sum((x - mu) ** 2) / len(x)
-        return (x - mu) / math.sqrt(var + cfg.norm_eps) * w[name][0] + w[name + "_bias"][0]
-
-    def lin(x, name):
-        return x @ w[name] + w[name + "_bias"][0]
+        return _ln(w, x, name, cfg.norm_eps)
 
     xs = [ln(w["embed"][t] + w["pos_embed"][p] + w["type_embed"][0], "embed_norm")
           for p, t in enumerate(ids)]
     for l in range(cfg.num_hidden_layers):
         p = f"layers.{l}."
-        q = [lin(x, p + "q") for x in xs]
-        k = [lin(x, p + "k") for x in xs]
-        v = [lin(x, p + "v") for x in xs]
+        q, k, v = ([_lin(w, x, p + n) for x in xs] for n in ("q", "k", "v"))
         out = []
         for i, x in enumerate(xs):
-            attn = []
-            for hh in range(heads):
-                sl = slice(hh * hd, (hh + 1) * hd)
-                s = np.array([q[i][sl] @ kk[sl] / math.sqrt(hd) for kk in k])
-                e = np.exp(s - s.max())
-                attn.append(sum(pj * vv[sl] for pj, vv in zip(e / e.sum(), v)))
-            y = ln(x + lin(np.concatenate(attn), p + "o"), p + "attn_norm")
-            g = lin(y, p + "up")
-            g = np.array([0.5 * a * (1 + math.erf(a / math.sqrt(2))) for a in g])
-            out.append(ln(y + lin(g, p + "down"), p + "mlp_norm"))
+            y = ln(x + _lin(w, _attend(q[i], k, v, heads, hd), p + "o"), p + "attn_norm")
+            g = _erf_gelu(_lin(w, y, p + "up"))
+            out.append(ln(y + _lin(w, g, p + "down"), p + "mlp_norm"))
         xs = out
     return np.array([x @ w["lm_head"] for x in xs])
 
@@ -257,18 +270,13 @@ def gpt2_direct(cfg, w, ids):
     w = {k: v.astype(np.float64) for k, v in w.items()}
     hd, heads = cfg.head_dim, cfg.num_attention_heads
 
-    def ln(x, name):
-        mu = sum(x) / len(x)
-        var = sum((x - mu) ** 2) / len(x)
-        return (x - mu) / math.sqrt(var + cfg.norm_eps) * w[name][0] + w[name + "_bias"][0]
-
-    def lin(x, name):
-        return x @ w[name] + w[name + "_bias"][0]
-
     def gelu(x):
         if cfg.hidden_act == "gelu":
-            return np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x])
+            return _erf_gelu(x)
         return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+    def ln(x, name):
+        return _ln(w, x, name, cfg.norm_eps)
 
     layers = range(cfg.num_hidden_layers)
     keys, values = [[] for _ in layers], [[] for _ in layers]
@@ -278,17 +286,11 @@ def gpt2_direct(cfg, w, ids):
         for l in layers:
             p = f"layers.{l}."
             h = ln(x, p + "attn_norm")
-            q, k, v = lin(h, p + "q"), lin(h, p + "k"), lin(h, p + "v")
+            q, k, v = (_lin(w, h, p + n) for n in ("q", "k", "v"))
             keys[l].append(k)
             values[l].append(v)
-            attn = []
-            for i in range(heads):
-                sl = slice(i * hd, (i + 1) * hd)
-                s = np.array([q[sl] @ kk[sl] / math.sqrt(hd) for kk in keys[l]])
-                e = np.exp(s - s.max())
-                attn.append(sum(pj * vv[sl] for pj, vv in zip(e / e.sum(), values[l])))
-            x = x + lin(np.concatenate(attn), p + "o")
-            x = x + lin(gelu(lin(ln(x, p + "mlp_norm"), p + "up")), p + "down")
+            x = x + _lin(w, _attend(q, keys[l], values[l], heads, hd), p + "o")
+            x = x + _lin(w, gelu(_lin(w, ln(x, p + "mlp_norm"), p + "up")), p + "down")
         out.append(ln(x, "final_norm") @ w["embed"].T)  # tied head
     return np.array(out)
 

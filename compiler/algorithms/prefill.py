@@ -258,16 +258,9 @@ def prefill_attention_block(bld: ProgramBuilder, plan: PrefillPlan, h, prefix: s
     o, step = _attention(bld, p, q, k, v, mask, step, causal=not post_norm)
     oa = [(o[hq], width[hq[0]], qcol[hq]) for hq in qcol]  # V's dims are in model order
     to = bld.tensor(f"{prefix}.o", p.heads * hd, p.d)
-    dcols = (np.arange(s) * p.db, np.full(s, p.db))
-    (proj,), step = _gemm(bld, p, oa, [(to, *dcols)], step)
-    if o_bias:
-        _add_bias(bld, p, proj, bld.tensor(f"{prefix}.o_bias", 1, p.d), *dcols, step)
-        step += 1
-    res = bld.like(h)
-    bld.compute(every, step, OP_ADD, c=res.ravel(), a=np.asarray(h).ravel(), b=proj.ravel())
-    if post_norm:
-        return prefill_norm(bld, p, res, f"{prefix}.attn_norm", eps, step + 1, norm)
-    return res, step + 1
+    (proj,), step = _gemm(bld, p, oa, [(to, np.arange(s) * p.db, np.full(s, p.db))], step)
+    return _residual(bld, p, h, proj, f"{prefix}.o_bias" if o_bias else None,
+                     f"{prefix}.attn_norm" if post_norm else None, eps, norm, step)
 
 
 def prefill_mlp_block(bld: ProgramBuilder, plan: PrefillPlan, h, prefix: str, *,
@@ -297,17 +290,10 @@ def prefill_mlp_block(bld: ProgramBuilder, plan: PrefillPlan, h, prefix: str, *,
     if gated:
         bld.compute(every, step + 1, OP_MUL, c=m.ravel(), a=m.ravel(), b=ys[1].ravel())
     td = bld.tensor(f"{prefix}.down", p.f, p.d)
-    dcols = (np.arange(s) * p.db, np.full(s, p.db))
     (down,), step = _gemm(bld, p, [(m, np.full(s, p.fb), np.arange(s) * p.fb)],
-                          [(td, *dcols)], step + 2)
-    if bias:
-        _add_bias(bld, p, down, bld.tensor(f"{prefix}.down_bias", 1, p.d), *dcols, step)
-        step += 1
-    out = bld.like(h)
-    bld.compute(every, step, OP_ADD, c=out.ravel(), a=np.asarray(h).ravel(), b=down.ravel())
-    if post_norm:
-        return prefill_norm(bld, p, out, f"{prefix}.mlp_norm", eps, step + 1, norm)
-    return out, step + 1
+                          [(td, np.arange(s) * p.db, np.full(s, p.db))], step + 2)
+    return _residual(bld, p, h, down, f"{prefix}.down_bias" if bias else None,
+                     f"{prefix}.mlp_norm" if post_norm else None, eps, norm, step)
 
 
 def lower_prefill_layer(seq: int, d: int, heads: int, kv_heads: int, hd: int, f: int,
@@ -400,6 +386,22 @@ def prefill_norm(bld, p: PrefillPlan, h, weight: str, eps: float, step: int,
                   np.full(p.s, p.db), step)
         step += 1
     return out, step
+
+
+def _residual(bld, p: PrefillPlan, h, y, bias: str | None, post_norm: str | None, eps: float,
+              norm: str, step: int):
+    """h + (y + bias), then the post-norm `post_norm` (BERT) when given; y is a projection's
+    [seq, d] tiles. Returns (buffer ids, next step)."""
+    if bias:
+        _add_bias(bld, p, y, bld.tensor(bias, 1, p.d), np.arange(p.s) * p.db,
+                  np.full(p.s, p.db), step)
+        step += 1
+    out = bld.like(h)
+    bld.compute(p.core.ravel(), step, OP_ADD, c=out.ravel(), a=np.asarray(h).ravel(),
+                b=np.asarray(y).ravel())
+    if post_norm:
+        return prefill_norm(bld, p, out, post_norm, eps, step + 1, norm)
+    return out, step + 1
 
 
 def _copy(bld, p: PrefillPlan, h, step: int):
