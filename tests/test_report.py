@@ -52,3 +52,14 @@ def test_simulate_writes_a_self_contained_report(tmp_path):
     i = parsed.cells.index("tokens_per_s")
     assert float(parsed.cells[i + 1].replace(",", "")) > 0
     assert "tiny-llama decode on wse2[16x16]" in parsed.cells
+
+
+def test_a_report_path_that_cannot_be_written_is_one_line_exit_2(tmp_path):
+    runner = CliRunner()
+    layout = tmp_path / "tiny.wsl"
+    assert runner.invoke(app, ["compile", "tiny-llama", "--target", "test16x16", "--ctx", "8",
+                               "-o", str(layout)]).exit_code == 0
+    bad = tmp_path / "missing" / "r.html"
+    res = runner.invoke(app, ["simulate", str(layout), "--report", str(bad)])
+    assert res.exit_code == 2
+    assert res.output.strip() == f"error: {bad}: No such file or directory"

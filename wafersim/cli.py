@@ -27,7 +27,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Wafer-scale chip compiler and simulator for transformer inference.")
 console = Console(width=None if sys.stdout.isatty() else 160)
 _state = {"debug": False}
-USER_ERRORS = (ValueError, ProgramError, TargetError, SimulationError, LayoutError)
+# OSError: a path the user gave that cannot be read or written.
+USER_ERRORS = (ValueError, ProgramError, TargetError, SimulationError, LayoutError, OSError)
 
 
 @app.callback()
@@ -45,7 +46,10 @@ def user_errors(fn):
         except USER_ERRORS as exc:
             if _state["debug"]:
                 raise
-            print(f"error: {exc}", file=sys.stderr)
+            what = exc
+            if isinstance(exc, OSError) and exc.filename:
+                what = f"{exc.filename}: {exc.strerror or exc}"
+            print(f"error: {what}", file=sys.stderr)
             raise typer.Exit(2) from None
 
     return wrapper
