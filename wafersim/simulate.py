@@ -6,12 +6,17 @@ table), runs the kernel, and packs a SimResult. The conversions are Numba loops 
 program's arrays, so they allocate only their outputs and per-message scratch (no
 per-instruction or per-hop temporaries), whatever the integer dtypes of the program's arrays;
 values that do not fit the kernel's int32 words raise SimulationError.
+
+The route check runs beside the encoding, and the totals beside the kernel, each in a second
+thread (all of them are Numba loops that release the GIL): on a machine with two or more cores
+the run takes the encoding and the kernel's time only.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -301,21 +306,24 @@ def kernel_args(program: MeshProgram, target: MeshTarget, max_events: int | None
         raise SimulationError(f"program has {program.n_hops:,} message hops and "
                               f"{program.n_messages:,} messages; the engine takes at most "
                               f"2**31 - 2 and {MAX_OPERAND:,}")
-    m, why = _bad_route(program.msg_src, program.msg_dst, program.route_ptr,
-                        program.route_link, program.width, program.height)
-    if m >= 0:
-        src = int(program.msg_src[m])
-        raise SimulationError(f"message {m} from core ({src % program.width},"
-                              f"{src // program.width}): its route {_ROUTE_FAULTS[why]}")
     core_ptr = np.asarray(program.core_ptr, dtype=np.int64)
     route_ptr = program.route_ptr
     route_link = program.route_link
     loops = _loops(program)
     link_bw = float(target.link_bytes_per_cycle)
-    code, code_ptr, loop_start, loop_end, mc_slot, n_slots, runs, sends, err, at = _encode(
-        core_ptr, program.ins_kind, program.ins_flops, program.ins_bytes, program.ins_arg,
-        float(target.rate(program.dtype)), float(target.sram_bytes_per_cycle), route_ptr,
-        route_link, program.width, program.msg_bytes, program.msg_multicast, link_bw, *loops)
+    with ThreadPoolExecutor(1) as pool:  # the encoding reads no link beyond a route's first
+        check = pool.submit(_bad_route, program.msg_src, program.msg_dst, route_ptr,
+                            route_link, program.width, program.height)
+        code, code_ptr, loop_start, loop_end, mc_slot, n_slots, runs, sends, err, at = _encode(
+            core_ptr, program.ins_kind, program.ins_flops, program.ins_bytes, program.ins_arg,
+            float(target.rate(program.dtype)), float(target.sram_bytes_per_cycle), route_ptr,
+            route_link, program.width, program.msg_bytes, program.msg_multicast, link_bw,
+            *loops)
+        m, why = check.result()
+    if m >= 0:
+        src = int(program.msg_src[m])
+        raise SimulationError(f"message {m} from core ({src % program.width},"
+                              f"{src // program.width}): its route {_ROUTE_FAULTS[why]}")
     if err:
         why = {1: f"its compute takes more than {MAX_OPERAND:,} cycles",
                2: "it names an unknown message or route entry",
@@ -342,8 +350,11 @@ def simulate(program: MeshProgram, target: MeshTarget, max_events: int | None = 
     """Simulate `program` on `target`; raises SimulationError on deadlock or watchdog."""
     args = kernel_args(program, target, max_events, arrivals=False)
     t0 = time.perf_counter()
-    status, events, core_time, busy, overhead, wait, pc, _arrival, _free = run_kernel(*args)
-    wall = time.perf_counter() - t0
+    with ThreadPoolExecutor(1) as pool:
+        tallied = pool.submit(totals, program, target)
+        status, events, core_time, busy, overhead, wait, pc, _arrival, _free = run_kernel(*args)
+        wall = time.perf_counter() - t0
+        tot = tallied.result()
     if status == WATCHDOG:
         raise SimulationError(f"watchdog: more than {args[MAX_EVENTS_ARG]:,} events; the "
                               "program does not terminate")
@@ -354,7 +365,6 @@ def simulate(program: MeshProgram, target: MeshTarget, max_events: int | None = 
                               "iteration's copy was received; simulate the layers unrolled")
     if status == FULL:
         raise SimulationError("the engine's event pool is full (a loop runs far ahead)")
-    tot = totals(program, target)
     return SimResult(
         system=target.name, width=program.width, height=program.height,
         clock_hz=target.clock_hz, makespan_cycles=int(core_time.max(initial=0)),
