@@ -16,7 +16,6 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 from matplotlib.image import imread
-
 from typer.testing import CliRunner
 
 from wafersim.cli import app
