@@ -20,7 +20,9 @@ lone GEMV and for a K-tree under any readiness unless messages of two levels mee
 (tests/test_estimate.py checks GEMVs against the simulator), and within half a per cent of
 the simulated layers and steps of LLaMA-3-8B and LLaMA-2-13B (benchmarks/estimate.py). What
 the partition policy needs is that it ranks shapes as the simulation does; it costs a few
-milliseconds per layer shape.
+milliseconds per layer shape. A fast feed-forward model's tree is followed along the default
+seeded path (within 0.2% of the simulated steps in tests/test_fff.py); activation sparsity
+is not modelled: such a model's placements are ranked by its dense MLP.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import numpy as np
 
 from compiler.algorithms.attention import head_layout
 from compiler.algorithms.common import split
+from compiler.algorithms.fff import draw_paths
+from compiler.quant import CACHE, HEAD, PROJ, Scheme, compute_bytes, matmul, stored_bytes
 from compiler.targets import DTYPE_BYTES, MeshTarget
 from models.config import ModelConfig
 
@@ -71,6 +75,21 @@ def _op(t: MeshTarget, dtype: str, flops, elems):
         work = max(math.ceil(flops / t.rate(dtype)),
                    math.ceil(math.ceil(elems * DTYPE_BYTES[dtype]) / t.sram_bytes_per_cycle))
     return work + t.compute_overhead_cycles
+
+
+def _cost(t: MeshTarget, dtype: str, flops, nbytes):
+    """_op from FLOPs and SRAM bytes (compiler.quant's costs)."""
+    return np.maximum(np.ceil(flops / t.rate(dtype)), np.ceil(nbytes / t.sram_bytes_per_cycle)
+                      ) + t.compute_overhead_cycles
+
+
+def _quantised(q: Scheme | None, kind: int) -> bool:
+    """Whether `q` stores tensors of `kind` other than in the compute dtype, dense."""
+    if q is None:
+        return False
+    if kind == CACHE:
+        return q.kv != q.compute
+    return q.weights != q.compute or (kind == PROJ and q.density < 1)
 
 
 def _ser(t: MeshTarget, nbytes):
@@ -275,8 +294,8 @@ def _line(ready: np.ndarray, nbytes: float, combine: float, t: MeshTarget, level
 
 
 def _gemv(s: Ready, t: MeshTarget, dtype: str, b: int, k: int, n: int, k_axis: str,
-          algo: str, levels: int, allreduce: bool = True, k_sizes=None, n_sizes=None
-          ) -> Ready:
+          algo: str, levels: int, allreduce: bool = True, k_sizes=None, n_sizes=None,
+          q: Scheme | None = None, kind: int = PROJ) -> Ready:
     """compiler.algorithms.meshgemv.gemv: zero and multiply each core's tile, reduce the
     b x N_j partial sums along K's cores and, for an all-reduce, multicast y back along them.
     K over rows (`k_axis="rows"`) reduces along the region's columns. `k_sizes`, `n_sizes`:
@@ -288,7 +307,10 @@ def _gemv(s: Ready, t: MeshTarget, dtype: str, b: int, k: int, n: int, k_axis: s
     kc = min(k_lines, k)
     ks = _sizes(k, k_lines, k_lines) if k_sizes is None else np.asarray(k_sizes)
     ns = _sizes(n, n_lines, n_lines) if n_sizes is None else np.asarray(n_sizes)
-    def tile(kk, nn):  # zero the accumulator, multiply-accumulate the tile
+    def tile(kk, nn):  # zero the accumulator, multiply-accumulate the tile (stored as q says)
+        if _quantised(q, kind):
+            return _op(t, dtype, 0, b * nn) + _cost(t, dtype, *matmul(
+                q, t, kind, b * kk, b * nn, kk, nn, 2 * b * kk * nn, True))
         return _op(t, dtype, 0, b * nn) + _op(t, dtype, 2 * b * kk * nn,
                                               b * kk + kk * nn + 2 * b * nn)
 
@@ -319,25 +341,34 @@ def _rmsnorm(s: Ready, t: MeshTarget, dtype: str, b: int, d: int, levels: int) -
     return s.after(_op(t, dtype, 6 * b, 2 * b) + 2 * _op(t, dtype, b * cs, 2 * b * cs + cs))
 
 
-def _shift_in(s: Ready, t: MeshTarget, dtype: str, ne: int) -> Ready:
+def _shift_in(s: Ready, t: MeshTarget, dtype: str, ne: int, q: Scheme | None = None
+              ) -> Ready:
     """attention._shift_in (k and v): column 0 builds the new rows (fill, takes, put); every
     column up to the growing one takes its slot 0 and sends it east; each receiver waits for
     its west neighbour's k and v, then puts both. Taken at its longest (every column shifts,
-    the widest head slice)."""
+    the widest head slice). A quantised cache moves stored entries and quantises the new one
+    (compiler.quant.apply)."""
     op = lambda elems: float(_op(t, dtype, 0, elems))  # noqa: E731
-    take = op(2 * ne) + op(2 * (ne + 1))  # slot 0 of k and of v
-    put = op(2 * ne) + op(2 * (ne + 1))
     first = op(ne + 1) + op(2 * ne) + op(2 * ne) + op(2 * ne)  # fill, take k, take v, put
+    db = DTYPE_BYTES[dtype]
+    if _quantised(q, CACHE):
+        st = lambda w: float(stored_bytes(q, CACHE, 1, w))  # noqa: E731
+        take = put = float(sum(_cost(t, dtype, 0, 2 * st(w)) for w in (ne, ne + 1)))
+        put0 = float(sum(_cost(t, dtype, 2 * w, compute_bytes(q, 1, w) + st(w))
+                         for w in (ne, ne + 1)))
+        k_bytes, v_bytes = st(ne), st(ne + 1)
+    else:
+        take = put = put0 = op(2 * ne) + op(2 * (ne + 1))  # slot 0 of k and of v; the puts
+        k_bytes, v_bytes = ne * db, (ne + 1) * db
     c = s.col
     if len(c) == 1:
-        return Ready(s.row, c + first + put)
+        return Ready(s.row, c + first + put0)
     hop, so, ro = t.hop_latency_cycles, t.send_overhead_cycles, t.recv_overhead_cycles
-    db = DTYPE_BYTES[dtype]
     sent = c + take + np.where(np.arange(len(c)) == 0, first, 0.0)  # SENDs start
-    k_in = sent[:-1] + so + hop + _ser(t, ne * db)
-    v_in = sent[:-1] + 2 * so + hop + _ser(t, (ne + 1) * db)
+    k_in = sent[:-1] + so + hop + _ser(t, k_bytes)
+    v_in = sent[:-1] + 2 * so + hop + _ser(t, v_bytes)
     recv = np.maximum(np.maximum(sent[1:] + 2 * so, k_in) + ro, v_in) + ro + put
-    return Ready(s.row, np.concatenate([[sent[0] + 2 * so + put], recv]))
+    return Ready(s.row, np.concatenate([[sent[0] + 2 * so + put0], recv]))
 
 
 @lru_cache(maxsize=1024)
@@ -354,19 +385,27 @@ def _heads(rows: int, kv_heads: int, g: int, hd: int):
 
 
 def _attention(s: Ready, cfg: ModelConfig, t: MeshTarget, b: int, slots: int, algo: str,
-               levels: int) -> Ready:
+               levels: int, q: Scheme | None = None) -> Ready:
     """compiler.algorithms.attention.attention_block, row by row of its head layout (rows
-    may hold different head slices and numbers of heads)."""
+    may hold different head slices and numbers of heads); weights and caches stored as `q`."""
     dt, db = cfg.dtype, DTYPE_BYTES[cfg.dtype]
     rows, cols = len(s.row), len(s.col)
     d, hd, kvh = cfg.hidden_size, cfg.head_dim, cfg.num_key_value_heads
     g = cfg.num_attention_heads // kvh
     ne, nh, q_row, kv_row, groups = _heads(rows, kvh, g, hd)  # per row, and head groups
     op = lambda flops, elems: _op(t, dt, flops, elems)  # noqa: E731
+    if _quantised(q, CACHE):  # scores over K, P @ V over V [slots, ne + 1]
+        score = _cost(t, dt, *matmul(q, t, CACHE, g * ne, g * slots, slots, ne,
+                                     2 * g * ne * slots, False))
+        value = _cost(t, dt, *matmul(q, t, CACHE, g * slots, g * (ne + 1), slots, ne + 1,
+                                     2 * g * slots * (ne + 1), True))
+    else:
+        score = op(2 * g * ne * slots, g * ne + slots * ne + g * slots)
+        value = op(2 * g * slots * (ne + 1), g * slots + slots * (ne + 1) + 2 * g * (ne + 1))
 
     s = _rmsnorm(s, t, dt, b, d, levels)
     for n_row in (q_row, kv_row, kv_row):  # q, k, v: K over columns, each row its heads' dims
-        s = _gemv(s, t, dt, b, d, int(n_row.sum()), "cols", algo, levels, n_sizes=n_row)
+        s = _gemv(s, t, dt, b, d, int(n_row.sum()), "cols", algo, levels, n_sizes=n_row, q=q)
         if cfg.qkv_bias:
             s = s.after(op(b * n_row, 2 * b * n_row + n_row))
     s = s.after(op(3 * b * nh * g * ne, 2 * b * nh * g * ne + ne)  # RoPE on q
@@ -377,9 +416,8 @@ def _attention(s: Ready, cfg: ModelConfig, t: MeshTarget, b: int, slots: int, al
     for hh in range(int(nh.max())):
         on = nh > hh  # rows holding a head this far
         for _ in range(b):
-            s = _shift_in(s, t, dt, int(ne.max()))
-            s = s.after(on * (op(0, 2 * g * ne) + op(2 * g * ne * slots,
-                                                      g * ne + slots * ne + g * slots)))
+            s = _shift_in(s, t, dt, int(ne.max()), q)
+            s = s.after(on * (op(0, 2 * g * ne) + score))
             row = s.row.copy()
             for first, n in groups:
                 row[first:first + n] = _line(s.row[first:first + n], g * slots * db,
@@ -387,46 +425,89 @@ def _attention(s: Ready, cfg: ModelConfig, t: MeshTarget, b: int, slots: int, al
             s = Ready(row, s.col).after(on * op(g * slots, g * slots + g))
             s = _along(s, "rows", g * db, op(g, 3 * g), t, levels=levels, on=on)
             s = s.after(on * (op(5 * g * slots, 2 * g * slots + g) + op(0, g * (ne + 1))
-                              + op(2 * g * slots * (ne + 1),
-                                   g * slots + slots * (ne + 1) + 2 * g * (ne + 1))))
+                              + value))
             s = _along(s, "rows", g * (ne + 1) * db, op(g * (ne + 1), 3 * g * (ne + 1)), t,
                        levels=levels, on=on)
             s = s.after(on * (op(g * ne, g * (ne + 1) + g * ne) + op(0, 2 * g * ne)))
-    s = _gemv(s, t, dt, b, int(q_row.sum()), d, "rows", algo, levels, k_sizes=q_row)
+    s = _gemv(s, t, dt, b, int(q_row.sum()), d, "rows", algo, levels, k_sizes=q_row, q=q)
     cs = b * math.ceil(d / cols)
     return s.after(op(cs, 3 * cs))  # residual
 
 
-def _mlp(s: Ready, cfg: ModelConfig, t: MeshTarget, b: int, algo: str, levels: int) -> Ready:
+def _mlp(s: Ready, cfg: ModelConfig, t: MeshTarget, b: int, algo: str, levels: int,
+         q: Scheme | None = None) -> Ready:
     """compiler.algorithms.mlp.mlp_block: norm, up (and gate) with K over columns, the
     activation, down with K over rows, residual."""
+    if cfg.fff_depth is not None:
+        return _fff(s, cfg, t, b, algo, levels)
     dt, d, f = cfg.dtype, cfg.hidden_size, cfg.intermediate_size
     s = _rmsnorm(s, t, dt, b, d, levels)
     for _ in range(2 if cfg.gated_mlp else 1):
-        s = _gemv(s, t, dt, b, d, f, "cols", algo, levels)
+        s = _gemv(s, t, dt, b, d, f, "cols", algo, levels, q=q)
     fs = b * _sizes(f, len(s.row), len(s.row))  # per row
     s = s.after(_op(t, dt, (6 if cfg.hidden_act in ("silu", "swish") else 8) * fs, 2 * fs))
     if cfg.gated_mlp:
         s = s.after(_op(t, dt, fs, 3 * fs))
-    s = _gemv(s, t, dt, b, f, d, "rows", algo, levels)
+    s = _gemv(s, t, dt, b, f, d, "rows", algo, levels, q=q)
     cs = b * math.ceil(d / len(s.col))
     return s.after(_op(t, dt, cs, 3 * cs))
 
 
+def _fff(s: Ready, cfg: ModelConfig, t: MeshTarget, b: int, algo: str, levels: int) -> Ready:
+    """compiler.algorithms.fff.fff_block along the default seeded path (draw_paths, seed 0):
+    per level, on the node's row, the dot product, the scalar all-reduce along the row, the
+    activation and the output update, then the running output down each column to the next
+    row; at the end the output's multicast along every column and the residual. Each column
+    is followed on its own (`T`); sequences are taken one after another (at batch > 1 an
+    approximation: their chains overlap where they use different rows)."""
+    dt, d = cfg.dtype, cfg.hidden_size
+    rows, cols = len(s.row), len(s.col)
+    db = DTYPE_BYTES[dt]
+    s = _rmsnorm(s, t, dt, b, d, levels)
+    cs = _sizes(d, cols, cols)
+    paths = draw_paths(cfg.fff_depth, b, 0) % rows
+    act = 6 if cfg.hidden_act in ("silu", "swish") else 8
+    hop, so, ro = t.hop_latency_cycles, t.send_overhead_cycles, t.recv_overhead_cycles
+    ser1 = float(_ser(t, db))
+    T = None
+    for seq in paths:
+        T = s.row[seq[0]] + s.col if T is None else T
+        for level, r in enumerate(seq):
+            dot = _op(t, dt, 0, 1) + _op(t, dt, 2 * cs, 2 * cs + 2)
+            if b > 1:
+                dot = dot + _op(t, dt, 0, 2 * cs)
+            at, root = _tree(np.ascontiguousarray(T + dot, np.float64), ser1,
+                             float(_op(t, dt, 1, 3)), t, algo, levels)
+            T = _broadcast(cols, root, at, ser1, t) if cols > 1 else np.full(1, at)
+            T = T + _op(t, dt, act, 2) + _op(t, dt, cs, 2 * cs + 1)
+            if level:
+                T = T + _op(t, dt, cs, 3 * cs)
+            if level < len(seq) - 1 and seq[level + 1] != r:
+                T = T + so + abs(int(seq[level + 1]) - int(r)) * hop + _ser(t, (cs + 1) * db) + ro
+        ser = _ser(t, cs * db)
+        down = _broadcast(rows, int(seq[-1]), 0.0, float(ser.max()), t) if rows > 1 else \
+            np.zeros(1)
+        T = T + ser - ser.max() + (0 if b == 1 else _op(t, dt, 0, 2 * cs).max())
+    s = Ready(down, T)
+    out = b * cs.max()
+    return s.after(_op(t, dt, out, 3 * out))
+
+
 def _layer(s: Ready, cfg: ModelConfig, t: MeshTarget, b: int, slots: int, algo: str,
-           levels: int) -> Ready:
+           levels: int, q: Scheme | None = None) -> Ready:
     """One layer of a region's loop: attention, MLP, and the copy carrying h to the next."""
-    s = _mlp(_attention(s, cfg, t, b, slots, algo, levels), cfg, t, b, algo, levels)
+    s = _mlp(_attention(s, cfg, t, b, slots, algo, levels, q), cfg, t, b, algo, levels, q)
     return s.after(_op(t, cfg.dtype, 0, 2 * b * math.ceil(cfg.hidden_size / len(s.col))))
 
 
 def layer_cycles(cfg: ModelConfig, target: MeshTarget, rows: int, cols: int, batch: int,
-                 slots: int, algo: str = "meshgemv", levels: int = 2) -> float:
+                 slots: int, algo: str = "meshgemv", levels: int = 2,
+                 q: Scheme | None = None) -> float:
     """Estimated cycles one decode layer adds on a rows x cols region with `slots` cache
     entries per core: the second of two layers, as the simulation measures a layer (the
     first starts with every core ready; the second inherits the first's stragglers)."""
-    one = _layer(_start(rows, cols), cfg, target, batch, slots, algo, levels)
-    return _layer(one, cfg, target, batch, slots, algo, levels).done - one.done
+    one = _layer(_start(rows, cols), cfg, target, batch, slots, algo, levels, q)
+    return _layer(one, cfg, target, batch, slots, algo, levels, q).done - one.done
 
 
 # ---- a step ----------------------------------------------------------------------------------
@@ -446,12 +527,14 @@ def _embed(cfg: ModelConfig, t: MeshTarget, rows: int, cols: int, b: int, algo: 
                   algo, levels, kc > 1, kc)
 
 
-def _head(s: Ready, cfg: ModelConfig, t: MeshTarget, b: int, algo: str, levels: int) -> float:
+def _head(s: Ready, cfg: ModelConfig, t: MeshTarget, b: int, algo: str, levels: int,
+          q: Scheme | None = None) -> float:
     """compiler.model._head and _argmax: final norm, LM head GEMV (logits split over rows, no
     broadcast), argmax on each row's root, then a K-tree of (value, id) pairs over the rows."""
     dt, v = cfg.dtype, cfg.vocab_size
     s = _rmsnorm(s, t, dt, b, cfg.hidden_size, levels)
-    s = _gemv(s, t, dt, b, cfg.hidden_size, v, "cols", algo, levels, allreduce=False)
+    s = _gemv(s, t, dt, b, cfg.hidden_size, v, "cols", algo, levels, allreduce=False, q=q,
+              kind=HEAD)
     ns = b * _sizes(v, len(s.row), len(s.row))  # per row
     s = s.after(_op(t, dt, ns, ns + 2 * b))
     roots = s.row[:min(len(s.row), v)] + s.col.max()
@@ -479,14 +562,22 @@ def _handoff(at: float, cfg: ModelConfig, t: MeshTarget, rows: int, cols: int, b
 
 
 def step_cycles(cfg: ModelConfig, target: MeshTarget, rows: int, cols: int, counts: list[int],
-                batch: int, slots: int, algo: str = "meshgemv", levels: int = 2) -> float:
+                batch: int, slots: int, algo: str = "meshgemv", levels: int = 2,
+                q: Scheme | None = None, ends: tuple[bool, bool] = (True, True)) -> float:
     """Estimated cycles of a decode step: the embedding on the first region, sum(counts) layers
     one after another (at batch 1 each waits for the previous one's h), the hand-offs between
     consecutive regions (in compiler.model.place's serpentine order: side by side, or stacked
-    where a row of regions turns), and the final norm, LM head and argmax on the last region."""
-    s = _embed(cfg, target, rows, cols, batch, algo, levels)
+    where a row of regions turns), and the final norm, LM head and argmax on the last region.
+    `ends` (CompileOptions.ends): a pipeline stage without the embedding starts from h on the
+    first region's top row; one without the head ends with its last layer."""
+    if ends[0]:
+        s = _embed(cfg, target, rows, cols, batch, algo, levels)
+    else:  # compiler.model._enter: the top row's chunks go down the columns
+        ser = _ser(target, batch * math.ceil(cfg.hidden_size / cols) * DTYPE_BYTES[cfg.dtype])
+        s = Ready(_broadcast(rows, 0, 0.0, ser, target) if rows > 1 else np.zeros(1),
+                  np.zeros(cols))
     per_row = max(1, target.width // cols)
-    per_layer = layer_cycles(cfg, target, rows, cols, batch, slots, algo, levels)
+    per_layer = layer_cycles(cfg, target, rows, cols, batch, slots, algo, levels, q)
     first = {}  # stacked -> cycles from a hand-off's send to the end of the region's 1st layer
     for k, count in enumerate(counts):
         if k:
@@ -495,11 +586,11 @@ def step_cycles(cfg: ModelConfig, target: MeshTarget, rows: int, cols: int, coun
                 if stacked not in first:
                     first[stacked] = _layer(_handoff(0.0, cfg, target, rows, cols, batch,
                                                      stacked), cfg, target, batch, slots, algo,
-                                            levels).done
+                                            levels, q).done
                 s = _start(rows, cols).after(s.done + first[stacked] + (count - 1) * per_layer)
                 continue
             s = _handoff(s.done, cfg, target, rows, cols, batch, stacked)
         if count:  # the region's first layer, then each further one adds per_layer
-            s = _layer(s, cfg, target, batch, slots, algo, levels).after(
+            s = _layer(s, cfg, target, batch, slots, algo, levels, q).after(
                 (count - 1) * per_layer)
-    return _head(s, cfg, target, batch, algo, levels)
+    return _head(s, cfg, target, batch, algo, levels, q) if ends[1] else s.done

@@ -24,8 +24,9 @@ from compiler.program import MeshProgram
 from compiler.stamp import Stamped
 
 FORMAT = "wafersim-layout"
-# 2: a program or a stamped program's parts (compiler.stamp); 3: the checksum covers the header
-VERSION = 3
+# 2: a program or a stamped program's parts (compiler.stamp); 3: the checksum covers the header;
+# 4: a stamped program may carry a second, short body (a prefill's sampled steps)
+VERSION = 4
 _SCALARS = ("width", "height", "dtype", "tensors", "meta")
 _PROGRAM_FIELDS = {f.name for f in dataclasses.fields(MeshProgram)}
 
@@ -66,6 +67,9 @@ def save_layout(code: MeshProgram | Stamped, path: str | Path, **info) -> None:
                   **{"stamp." + k: v for k, v in code.parts().items()}}
         program = {"glue": _scalars(code.glue), "body": _scalars(code.body),
                    "ports": code.ports}
+        if code.sampled:
+            arrays.update(_arrays(code.short, "short."))
+            program["short"] = _scalars(code.short)
     else:
         arrays, program = _arrays(code), _scalars(code)
     header = {"format": FORMAT, "version": VERSION, "stamped": isinstance(code, Stamped),
@@ -86,8 +90,11 @@ def save_layout(code: MeshProgram | Stamped, path: str | Path, **info) -> None:
 def load_layout(path: str | Path, timing_only: bool = False) -> tuple[MeshProgram, dict]:
     """Read a layout file; returns (program, info). Raises LayoutError if it is not intact.
     `timing_only`: expand a stamped program with only what the simulator reads
-    (Stamped.expand)."""
+    (Stamped.expand). A prefill with sampled steps has no one program: see load_code."""
     code, info = load_code(path)
+    if isinstance(code, Stamped) and code.sampled:
+        raise LayoutError(f"layout {path}: a prefill with sampled steps (timing only); "
+                          "`wafersim simulate` runs it")
     if isinstance(code, Stamped):
         return code.expand(timing_only), info
     return code, info
@@ -120,9 +127,11 @@ def load_code(path: str | Path) -> tuple[MeshProgram | Stamped, dict]:
         if not header.get("stamped"):
             return _program(arrays, scalars), header.get("info", {})
         parts = {k[6:]: v for k, v in arrays.items() if k.startswith("stamp.")}
+        short = (_program(arrays, scalars["short"], "short.") if "short" in scalars
+                 else None)
         code = Stamped(_program(arrays, scalars["glue"], "glue."),
                        _program(arrays, scalars["body"], "body."), int(scalars["ports"]),
-                       **parts)
+                       **parts, short=short)
     except (KeyError, TypeError) as e:
         raise LayoutError(f"layout {path}: arrays do not match the program format "
                           f"({type(e).__name__} {e})") from None

@@ -34,6 +34,7 @@ Policies (each searches the grids of equal regions that tile the wafer and fit i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -41,11 +42,13 @@ from functools import cached_property
 import networkx as nx
 import numpy as np
 
+from compiler import kvcache, quant
 from compiler.algorithms.allreduce import ktree_reduce, line_broadcast
 from compiler.algorithms.attention import attention_block, head_layout, pack_cache
 from compiler.algorithms.common import Region, split
+from compiler.algorithms.fff import draw_paths, fff_block
 from compiler.algorithms.meshgemm import GEMM_ALGOS
-from compiler.algorithms.meshgemv import GEMV_ALGOS, gemv
+from compiler.algorithms.meshgemv import gemv
 from compiler.algorithms.mlp import ACTIVATIONS, mlp_block, model_activation
 from compiler.algorithms.norm import norm
 from compiler.estimate import step_cycles
@@ -61,12 +64,16 @@ from compiler.program import (
     ProgramBuilder,
     ProgramError,
 )
+from compiler.quant import CACHE, HEAD, TABLE, Scheme, stored_bytes
+from compiler.sparsity import ActSparsity
 from compiler.stamp import Stamped
 from compiler.targets import DTYPE_BYTES, MeshTarget
 from models.config import ModelConfig
 from models.reference import rope_angles
 
 POLICIES = ("waferllm", "pipeline", "largest")
+# The GEMV reductions compiler.estimate models (meshgemv's "pipeline" runs in `wafersim op`).
+MODEL_GEMV_ALGOS = ("meshgemv", "ring")
 LAYER = "layers.{l}"
 LOOP, EPI = 1_000_000, 2_000_000  # steps: prologue < LOOP <= layer loop < EPI <= epilogue
 RETRIES = 4  # placements tried when the exact SRAM check refuses the estimate's choice
@@ -74,13 +81,37 @@ RETRIES = 4  # placements tried when the exact SRAM check refuses the estimate's
 
 @dataclass(frozen=True)
 class CompileOptions:
-    """What to compile. `capacity`: KV tokens per sequence the caches hold (default ctx + 1)."""
+    """What to compile. `capacity`: KV tokens per sequence the caches hold (default ctx + 1).
+    `quant`, `kv_dtype`: how weights and KV caches are stored (None: the model's dtype), with
+    a scale per `quant_group` elements; `prune`: "2:4" or a density (compiler.quant)."""
 
     policy: str = "waferllm"
     algo: str = "meshgemv"
     levels: int = 2
     capacity: int | None = None
     region: tuple[int, int] | None = None  # (rows, cols) of every region, overriding the policy
+    quant: str | None = None
+    kv_dtype: str | None = None
+    quant_group: int = 128
+    prune: str | None = None
+    # Activation sparsity: a density spec and the seed of the active neurons' draw
+    # (compiler.sparsity); the MLP's down projection skips the inactive ones.
+    act_density: str | None = None
+    act_seed: int = 0
+    # A fast feed-forward model's path through each tree (compiler.algorithms.fff): per
+    # sequence, the node visited at each level (the data's path); None: a draw with fff_seed.
+    fff_paths: tuple[tuple[int, ...], ...] | None = None
+    fff_seed: int = 0
+    # A pipeline stage of a model split over several wafers (compiler.multiwafer): without the
+    # embedding, h enters as input "h" on the first region's top row; without the head, the
+    # last region's h leaves as output "h" from its top row.
+    embed: bool = True
+    head: bool = True
+
+    @property
+    def ends(self) -> tuple[bool, bool]:
+        """(embedding, head): which ends of the model this step holds."""
+        return self.embed, self.head
 
 
 @dataclass(frozen=True)
@@ -135,6 +166,7 @@ def compile_model(graph: nx.DiGraph, target: MeshTarget,
     cfg: ModelConfig = graph.graph["cfg"]
     phase, batch, ctx = graph.graph["phase"], graph.graph["batch"], graph.graph["ctx_len"]
     _check_supported(cfg, phase, options)
+    s = scheme_of(cfg, phase, options)
     if cfg.position == "learned" and ctx + 1 > cfg.max_position_embeddings:
         raise ProgramError(f"{cfg.name}: position {ctx} is past the learned position table's "
                            f"{cfg.max_position_embeddings} rows (max_position_embeddings)")
@@ -150,26 +182,73 @@ def compile_model(graph: nx.DiGraph, target: MeshTarget,
     # decides. A placement the estimate let through but the check refuses gives way to the
     # next one (a few at most).
     error = None
-    for rows, cols, counts in partition(cfg, target, batch, capacity, options)[:RETRIES]:
-        placements = place(target, rows, cols, counts)
+    for rows, cols, counts in partition(cfg, target, batch, capacity, options, s)[:RETRIES]:
+        placements = place(target, rows, cols, counts, options.ends)
         slots = math.ceil(capacity / cols)
         code = lower(cfg, target.width, target.height, placements, batch, ctx, slots, options)
+        if not s.dense:  # the same numbers, stored and moved in fewer bytes
+            code = dataclasses.replace(code, glue=quant.apply(code.glue, s, target),
+                                       body=quant.apply(code.body, s, target))
+        stored = dataclasses.replace(code, glue=quant.storage_view(code.glue, s),
+                                     body=quant.storage_view(code.body, s))
         try:
-            code.check(target, f"{cfg.name} {phase}")
+            stored.check(target, f"{cfg.name} {phase}")
             break
         except ProgramError as e:
             error = error or e
     else:
         raise error
-    sram = code.sram_per_core()
+    sram = stored.sram_per_core()
     free = target.sram_bytes - int(sram.max())
-    per_token = _kv_bytes_per_slot(cfg, rows, max(p.count for p in placements), batch)
+    per_token = slot_bytes(cfg, rows, max(p.count for p in placements), batch, s)
+    per_core = slots + free // per_token  # cache slots (tokens) the busiest core can hold
     memory = dict(sram_max_bytes=int(sram.max()), sram_limit_bytes=target.sram_bytes,
                   sram_mean_bytes=float(sram[sram > 0].mean()),
-                  max_ctx=int((slots + free // per_token) * cols) - 1,
-                  max_batch=max_batch(cfg, target, rows, cols, len(counts), capacity, batch))
+                  max_ctx=int(per_core * cols) - 1,
+                  max_batch=max_batch(cfg, target, rows, cols, len(counts), capacity, batch, s,
+                                      options.ends),
+                  **kvcache.report(cols, per_core, ctx))
+    if not s.dense:  # the same placement, stored dense: the program's own buffer sizes
+        memory["quant"] = dict(scheme=s.label(), **capacity_gain(
+            cfg, target, rows, cols, placements, batch, capacity, slots, options,
+            {"dense": int(code.sram_per_core().max()), "quant": int(sram.max())}, s))
     return CompiledModel(code, cfg, target, options, phase, batch, ctx, slots,
                          tuple(placements), memory)
+
+
+def scheme_of(cfg: ModelConfig, phase: str, options: CompileOptions) -> Scheme:
+    """The options' storage scheme (compiler.quant), refused where it is not lowered."""
+    try:
+        s = quant.of(options, cfg.dtype)
+    except ValueError as e:
+        raise ProgramError(str(e)) from None
+    if not s.dense and phase != "decode":
+        raise ProgramError("--quant, --kv-dtype and --prune are lowered for decode only "
+                           "(prefill keeps the model's dtype, dense)")
+    return s
+
+
+def capacity_gain(cfg: ModelConfig, target: MeshTarget, rows: int, cols: int, placements,
+                  batch: int, capacity: int, slots: int, options: CompileOptions,
+                  sram_max: dict, s: Scheme) -> dict:
+    """What scheme `s` buys on this placement, stored in the model's dtype ("dense") and as `s`
+    ("quant"), from the busiest core's SRAM of each (`sram_max`): whether it fits (dense and not
+    here: on any placement, by the partition's estimate), the largest context (as
+    compile_model's max_ctx) and the largest batch (by the partition's estimate, at least the
+    step's); None where it does not fit this placement."""
+    out, n = {}, len(placements)
+    layers = max(p.count for p in placements)
+    for key, sch in (("dense", quant.scheme(cfg.dtype, group=s.group)), ("quant", s)):
+        free = target.sram_bytes - sram_max[key]
+        here = free >= 0
+        out[key] = dict(
+            fits=here or any(True for _ in _candidates(cfg, target, batch, capacity, sch,
+                                                       options.ends)),
+            max_ctx=(slots + free // slot_bytes(cfg, rows, layers, batch, sch)) * cols - 1
+            if here else None,
+            max_batch=max_batch(cfg, target, rows, cols, n, capacity, batch, sch, options.ends)
+            if here else None)
+    return out
 
 
 def _check_supported(cfg: ModelConfig, phase: str, options: CompileOptions) -> None:
@@ -189,11 +268,23 @@ def _check_supported(cfg: ModelConfig, phase: str, options: CompileOptions) -> N
     if model_activation(cfg.hidden_act) not in ACTIVATIONS:
         raise ProgramError(f"{cfg.name}: hidden_act {cfg.hidden_act!r} is not one of "
                            f"{', '.join(ACTIVATIONS)}")
-    algos = GEMV_ALGOS + (GEMM_ALGOS if phase == "prefill" else ())
+    algos = MODEL_GEMV_ALGOS + (GEMM_ALGOS if phase == "prefill" else ())
     if options.algo not in algos:
-        raise ProgramError(f"algo {options.algo!r} is not one of {', '.join(algos)}")
+        raise ProgramError(f"algo {options.algo!r} is not one of {', '.join(algos)} (the "
+                           "whole-model compiler's placement estimate models these)")
     if options.policy not in POLICIES:
         raise ProgramError(f"policy {options.policy!r} is not one of {', '.join(POLICIES)}")
+    if cfg.fff_depth is not None and (phase != "decode" or options.act_density is not None):
+        raise ProgramError(f"{cfg.name}: fff_depth={cfg.fff_depth}: the compiler lowers fast "
+                           "feed-forward layers in decode, without --act-density")
+    if options.act_density is not None:
+        if phase != "decode":
+            raise ProgramError("--act-density: the compiler lowers activation sparsity in "
+                               "decode only")
+        try:
+            ActSparsity(options.act_density, options.act_seed).densities(cfg.num_hidden_layers)
+        except ValueError as e:
+            raise ProgramError(str(e)) from None
 
 
 # ---- partition ---------------------------------------------------------------------------
@@ -202,23 +293,42 @@ def _matrices(cfg: ModelConfig) -> list[tuple[int, int, str]]:
     """A layer's weight matrices as (K, N, which region axis K runs over)."""
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    mats = [(d, q, "cols"), (d, kv, "cols"), (d, kv, "cols"), (q, d, "rows"), (d, f, "cols"),
-            (f, d, "rows")]
+    mats = [(d, q, "cols"), (d, kv, "cols"), (d, kv, "cols"), (q, d, "rows")]
+    if cfg.fff_depth is not None:  # each row holds its nodes' chunks of fff_in and fff_out
+        return mats + [(d, cfg.fff_nodes, "cols"), (cfg.fff_nodes, d, "rows")]
+    mats += [(d, f, "cols"), (f, d, "rows")]
     return mats + ([(d, f, "cols")] if cfg.gated_mlp else [])
 
 
-def _tile(k: int, n: int, axis: str, rows: int, cols: int) -> int:
-    """Elements of the largest tile of a [k, n] matrix on a rows x cols region."""
+def _tile(k: int, n: int, axis: str, rows: int, cols: int) -> tuple[int, int]:
+    """[K, N] of the largest tile of a [k, n] matrix on a rows x cols region."""
     kr, nr = (rows, cols) if axis == "rows" else (cols, rows)
-    return math.ceil(k / min(kr, k)) * math.ceil(n / min(nr, n))
+    return math.ceil(k / min(kr, k)), math.ceil(n / min(nr, n))
 
 
-def _kv_bytes_per_slot(cfg: ModelConfig, rows: int, layers: int, batch: int) -> int:
+def _scheme(cfg: ModelConfig, s: Scheme | None) -> Scheme:
+    return quant.scheme(cfg.dtype) if s is None else s
+
+
+def _kv_bytes_per_slot(cfg: ModelConfig, rows: int, layers: int, batch: int,
+                       s: Scheme | None = None) -> int:
     """SRAM one more cache slot (per column) costs the busiest core: K and V rows, all layers."""
     lay = head_layout(rows, cfg.num_key_value_heads,
                       cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim)
-    widest = int((lay.nh * (2 * lay.ne + 1)).max())
-    return max(1, math.ceil(widest * DTYPE_BYTES[cfg.dtype] * layers * batch))
+    s, n = _scheme(cfg, s), lay.nh * layers * batch
+    per_row = stored_bytes(s, CACHE, n, lay.ne) + stored_bytes(s, CACHE, n, lay.ne + 1)
+    return max(1, int(per_row.max()))
+
+
+def slot_bytes(cfg: ModelConfig, rows: int, layers: int, batch: int,
+               s: Scheme | None = None) -> int:
+    """SRAM one more cache slot costs the busiest core of a lowered step: the K/V rows of
+    every layer, and the attention scores over the slots with their reduction's receive
+    buffer (scratch, once: G query heads per KV head a row holds, per sequence)."""
+    lay = head_layout(rows, cfg.num_key_value_heads,
+                      cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim)
+    scores = 2 * lay.g * int(lay.nh.max()) * batch * DTYPE_BYTES[cfg.dtype]
+    return _kv_bytes_per_slot(cfg, rows, layers, batch, s) + math.ceil(scores)
 
 
 def _vectors(cfg: ModelConfig, rows: int, cols: int) -> int:
@@ -233,24 +343,26 @@ def _vectors(cfg: ModelConfig, rows: int, cols: int) -> int:
         elems += int((lay.columns(g) + 2 * lay.columns(1)).max())
     if cfg.o_proj_bias:
         elems += dc
-    if cfg.mlp_bias:
+    if cfg.mlp_bias and cfg.fff_depth is None:  # (a fast feed-forward tree has none)
         elems += (2 if cfg.gated_mlp else 1) * math.ceil(f / min(rows, f)) + dc
     return elems
 
 
-def layer_bytes(cfg: ModelConfig, rows: int, cols: int, batch: int, slots: int) -> int:
-    """Bytes one layer puts on the busiest core of a region: weight tiles, norms, biases, its
-    caches."""
-    mats = _matrices(cfg)
-    elems = sum(_tile(k, n, axis, rows, cols) for k, n, axis in mats[4:])
+def layer_bytes(cfg: ModelConfig, rows: int, cols: int, batch: int, slots: int,
+                s: Scheme | None = None) -> int:
+    """Bytes one layer puts on the busiest core of a region: weight tiles (as `s` stores them),
+    norms, biases, its caches."""
+    s = _scheme(cfg, s)
+    tiles = [_tile(k, n, axis, rows, cols) for k, n, axis in _matrices(cfg)[4:]]
     # q, k, v and o follow the head layout: a row may hold more of them than an even share.
     g = cfg.num_attention_heads // cfg.num_key_value_heads
     lay = head_layout(rows, cfg.num_key_value_heads, g, cfg.head_dim)
     dc = math.ceil(cfg.hidden_size / min(cols, cfg.hidden_size))
-    elems += dc * int(2 * lay.columns(g).max() + 2 * lay.columns(1).max())
-    elems += _vectors(cfg, rows, cols)
-    return math.ceil(elems * DTYPE_BYTES[cfg.dtype]) + slots * _kv_bytes_per_slot(
-        cfg, rows, 1, batch)
+    q, kv = int(lay.columns(g).max()), int(lay.columns(1).max())
+    tiles += [(dc, q), (dc, kv), (dc, kv), (q, dc)]
+    weights = sum(int(stored_bytes(s, quant.PROJ, k, n)) for k, n in tiles)
+    return (weights + math.ceil(_vectors(cfg, rows, cols) * DTYPE_BYTES[cfg.dtype])
+            + slots * _kv_bytes_per_slot(cfg, rows, 1, batch, s))
 
 
 def _gemv_scratch(k: int, n: int, axis: str, rows: int, cols: int) -> int:
@@ -271,19 +383,21 @@ def scratch_bytes(cfg: ModelConfig, rows: int, cols: int, batch: int, head: bool
     return math.ceil(elems * batch * DTYPE_BYTES[cfg.dtype])
 
 
-def table_bytes(cfg: ModelConfig, rows: int, cols: int, head: bool = False) -> int:
+def table_bytes(cfg: ModelConfig, rows: int, cols: int, head: bool = False,
+                s: Scheme | None = None) -> int:
     """Bytes of the first region's tables (the embedding, and a learned position table) or,
     with `head`, of the last region's (the LM head, a tied one stored as its own copy, and
-    the final norm) on the busiest core of a region."""
-    d = cfg.hidden_size
+    the final norm) on the busiest core of a region, as `s` stores them."""
+    s, d = _scheme(cfg, s), cfg.hidden_size
     if head:
-        elems = _tile(d, cfg.vocab_size, "cols", rows, cols)
-        elems += (2 if cfg.norm == "layernorm" else 1) * math.ceil(d / cols)
-    else:
-        elems = _tile(cfg.vocab_size, d, "rows", rows, cols)
-        if cfg.position == "learned":
-            elems += _tile(cfg.max_position_embeddings, d, "rows", rows, cols)
-    return math.ceil(elems * DTYPE_BYTES[cfg.dtype])
+        return int(stored_bytes(s, HEAD, *_tile(d, cfg.vocab_size, "cols", rows, cols))) + \
+            math.ceil((2 if cfg.norm == "layernorm" else 1) * math.ceil(d / cols)
+                      * DTYPE_BYTES[cfg.dtype])
+    out = int(stored_bytes(s, TABLE, *_tile(cfg.vocab_size, d, "rows", rows, cols)))
+    if cfg.position == "learned":
+        out += int(stored_bytes(s, TABLE, *_tile(cfg.max_position_embeddings, d, "rows", rows,
+                                                 cols)))
+    return out
 
 
 def distribute(layers: int, caps: list[int]) -> list[int] | None:
@@ -306,24 +420,34 @@ def _max_rows(cfg: ModelConfig) -> int:
     return cfg.num_key_value_heads * cfg.head_dim // 2
 
 
-def _counts(cfg, target, rows, cols, n, batch, capacity):
-    """Layer counts for n regions of rows x cols, or None when they do not fit."""
+def region_caps(cfg, target, rows, cols, n, batch, capacity, s=None, ends=(True, True)):
+    """The most layers each of n regions of rows x cols holds by estimate (None: the tables
+    and activations alone do not fit). `ends`: whether the step holds the embedding and the
+    head (CompileOptions.ends)."""
     limit = 0.97 * target.sram_bytes  # the estimate's margin; checked exactly after lowering
-    per = layer_bytes(cfg, rows, cols, batch, math.ceil(capacity / cols))
-    embed, head = table_bytes(cfg, rows, cols), table_bytes(cfg, rows, cols, head=True)
-    extra = [embed * (k == 0) + head * (k == n - 1)
-             + scratch_bytes(cfg, rows, cols, batch, k == n - 1) for k in range(n)]
+    per = layer_bytes(cfg, rows, cols, batch, math.ceil(capacity / cols), s)
+    embed = table_bytes(cfg, rows, cols, s=s) if ends[0] else 0
+    head = table_bytes(cfg, rows, cols, True, s) if ends[1] else 0
+    scratch = scratch_bytes(cfg, rows, cols, batch, False)
+    extra = [scratch + embed * (k == 0) for k in range(n)]
+    extra[-1] += head + (scratch_bytes(cfg, rows, cols, batch, True) - scratch) * ends[1]
     if max(extra) > limit:
         return None
-    return distribute(cfg.num_hidden_layers, [int((limit - e) // per) for e in extra])
+    return [int((limit - e) // per) for e in extra]
+
+
+def _counts(cfg, target, rows, cols, n, batch, capacity, s=None, ends=(True, True)):
+    """Layer counts for n regions of rows x cols, or None when they do not fit."""
+    caps = region_caps(cfg, target, rows, cols, n, batch, capacity, s, ends)
+    return None if caps is None else distribute(cfg.num_hidden_layers, caps)
 
 
 def max_batch(cfg: ModelConfig, target: MeshTarget, rows: int, cols: int, n: int,
-              capacity: int, batch: int) -> int:
+              capacity: int, batch: int, s: Scheme | None = None, ends=(True, True)) -> int:
     """The largest batch whose KV caches and activations fit n regions of rows x cols at this
     capacity, by the partition's estimate (at least `batch`, which was checked exactly)."""
     def fits(b):
-        return _counts(cfg, target, rows, cols, n, b, capacity) is not None
+        return _counts(cfg, target, rows, cols, n, b, capacity, s, ends) is not None
 
     lo, hi = batch, 2 * batch
     while fits(hi):
@@ -349,22 +473,11 @@ def policy_key(policy: str, counts: list[int], size: int) -> tuple:
     return (size,) if policy == "largest" else (-max(counts), size)
 
 
-def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
-              options: CompileOptions) -> list[tuple[int, int, list[int]]]:
-    """(rows, cols, layers per region) of the placements the policy allows, best first, among
-    the grids of regions that tile the wafer and fit its SRAM by estimate. waferllm: by least
-    estimated step time (compiler.estimate, in closed form from the target and the lowering,
-    as WaferLLM sweeps its grid size P)."""
+def _candidates(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
+                s: Scheme | None = None, ends=(True, True)):
+    """(rows, cols, layers per region) of the grids of equal regions that tile the wafer and
+    fit its SRAM by estimate, one by one."""
     L = cfg.num_hidden_layers
-    if options.region is not None:
-        rows, cols = options.region
-        n = forced_regions(target, rows, cols, L)
-        counts = _counts(cfg, target, rows, cols, n, batch, capacity)
-        if counts is None:
-            raise ProgramError(f"{cfg.name} does not fit {n} regions of {rows}x{cols} (rows x "
-                               f"cols) cores: {target.sram_bytes:,} B of SRAM per core")
-        return [(rows, cols, counts)]
-    candidates = {}
     for gr in range(1, L + 3):
         for gc in range(1, L + 3):
             n = min(gr * gc, L + 2)
@@ -372,12 +485,31 @@ def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
             cols = min(target.width // gc, cfg.hidden_size)
             if rows < 1 or cols < 1:
                 continue
-            counts = _counts(cfg, target, rows, cols, n, batch, capacity)
+            counts = _counts(cfg, target, rows, cols, n, batch, capacity, s, ends)
             if counts:
-                candidates[rows, cols, tuple(counts)] = None
+                yield rows, cols, tuple(counts)
+
+
+def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
+              options: CompileOptions, s: Scheme | None = None
+              ) -> list[tuple[int, int, list[int]]]:
+    """(rows, cols, layers per region) of the placements the policy allows, best first, among
+    the grids of regions that tile the wafer and fit its SRAM by estimate (weights and caches
+    stored as `s` stores them). waferllm: by least estimated step time (compiler.estimate, in
+    closed form from the target and the lowering, as WaferLLM sweeps its grid size P)."""
+    L, ends = cfg.num_hidden_layers, options.ends
+    if options.region is not None:
+        rows, cols = options.region
+        n = forced_regions(target, rows, cols, L)
+        counts = _counts(cfg, target, rows, cols, n, batch, capacity, s, ends)
+        if counts is None:
+            raise ProgramError(f"{cfg.name} does not fit {n} regions of {rows}x{cols} (rows x "
+                               f"cols) cores: {target.sram_bytes:,} B of SRAM per core")
+        return [(rows, cols, counts)]
+    candidates = dict.fromkeys(_candidates(cfg, target, batch, capacity, s, ends))
     if not candidates:
-        need = (L * layer_bytes(cfg, 1, 1, batch, capacity) + table_bytes(cfg, 1, 1)
-                + table_bytes(cfg, 1, 1, head=True))
+        need = (L * layer_bytes(cfg, 1, 1, batch, capacity, s)
+                + table_bytes(cfg, 1, 1, s=s) * ends[0] + table_bytes(cfg, 1, 1, True, s) * ends[1])
         raise ProgramError(
             f"{cfg.name} does not fit {target.name} with policy {options.policy}: it needs "
             f"about {need / (target.width * target.height * 1e3):.1f} KB per core over all "
@@ -389,7 +521,7 @@ def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
             return policy_key(options.policy, list(counts), rows * cols)
         slots = math.ceil(capacity / cols)
         return (-step_cycles(cfg, target, rows, cols, list(counts), batch, slots, options.algo,
-                             options.levels), -len(counts))
+                             options.levels, s, ends), -len(counts))
 
     return [(rows, cols, list(counts)) for rows, cols, counts in
             sorted(candidates, key=key, reverse=True)]
@@ -397,8 +529,10 @@ def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
 
 # ---- place -------------------------------------------------------------------------------
 
-def place(target: MeshTarget, rows: int, cols: int, counts: list[int]) -> list[Placement]:
-    """Regions in serpentine order over the wafer's grid of rows x cols blocks."""
+def place(target: MeshTarget, rows: int, cols: int, counts: list[int],
+          ends: tuple[bool, bool] = (True, True)) -> list[Placement]:
+    """Regions in serpentine order over the wafer's grid of rows x cols blocks; the embedding
+    on the first and the head on the last, where the step holds them (`ends`)."""
     per_row = target.width // cols
     n = len(counts)
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -408,7 +542,7 @@ def place(target: MeshTarget, rows: int, cols: int, counts: list[int]) -> list[P
         if by % 2:
             bx = per_row - 1 - bx
         out.append(Placement(Region(rows, cols, bx * cols, by * rows), int(first[k]),
-                             int(counts[k]), k == 0, k == n - 1))
+                             int(counts[k]), k == 0 and ends[0], k == n - 1 and ends[1]))
     return out
 
 
@@ -429,9 +563,21 @@ def lower(cfg: ModelConfig, width: int, height: int, placements, batch: int, ctx
         cfg.head_dim, LAYER, ctx=ctx, slots=slots,
         rope="rope" if cfg.position == "rope" else None, qkv_bias=cfg.qkv_bias,
         o_bias=cfg.o_proj_bias, eps=cfg.norm_eps, norm_kind=cfg.norm, step=LOOP, **kw)
-    h, s = mlp_block(body, home, h, batch, d, cfg.intermediate_size, LAYER,
-                     gated=cfg.gated_mlp, act=model_activation(cfg.hidden_act),
-                     eps=cfg.norm_eps, norm_kind=cfg.norm, bias=cfg.mlp_bias, step=s, **kw)
+    if cfg.fff_depth is not None:
+        paths = options.fff_paths
+        if paths is None:
+            paths = draw_paths(cfg.fff_depth, batch, options.fff_seed)
+        h, s = fff_block(body, home, h, batch, d, cfg.fff_depth, LAYER, paths,
+                         act=model_activation(cfg.hidden_act), eps=cfg.norm_eps,
+                         norm_kind=cfg.norm, step=s, **kw)
+    else:
+        mask = None if options.act_density is None else ActSparsity(
+            options.act_density, options.act_seed).body_mask(cfg.num_hidden_layers, batch,
+                                                             cfg.intermediate_size)
+        h, s = mlp_block(body, home, h, batch, d, cfg.intermediate_size, LAYER,
+                         gated=cfg.gated_mlp, act=model_activation(cfg.hidden_act),
+                         eps=cfg.norm_eps, norm_kind=cfg.norm, bias=cfg.mlp_bias, step=s,
+                         mask=mask, **kw)
     _carry(body, grid, h, h_in, s)  # the next iteration reads h where this one wrote it
     if s >= EPI:
         raise ProgramError("layer body too long for the step ranges")
@@ -445,6 +591,8 @@ def lower(cfg: ModelConfig, width: int, height: int, placements, batch: int, ctx
         reg = p.region
         if p.embed:
             h, _ = _embed(glue, reg, cfg, batch, ctx, lv, kw)
+        elif prev is None:  # a pipeline stage's first region: h comes from the last wafer
+            h = _enter(glue, reg, d, batch, lv)
         else:
             h = _receive(glue, prev, reg, d, batch, lv, k)
         prev = (reg, h)
@@ -455,6 +603,8 @@ def lower(cfg: ModelConfig, width: int, height: int, placements, batch: int, ctx
             count[cores.ravel()], base[cores.ravel()] = p.count, p.first
         if p.head:
             _head(glue, reg, cfg, h, batch, lv, kw)
+    if not placements[-1].head:  # a pipeline stage: h leaves for the next wafer
+        _leave(glue, placements[-1].region, h, d, batch)
     glue = glue.build(loop=(LOOP, EPI, count, base))
     return Stamped(glue, body.build(), h_in.size, np.array(offsets, np.int64),
                    np.array(bind, np.int32), glue.loop_count, glue.loop_base)
@@ -532,6 +682,31 @@ def _receive(bld, prev, reg: Region, d: int, batch: int, levels: int, k: int):
     return h
 
 
+def _enter(bld, reg: Region, d: int, batch: int, levels: int):
+    """A pipeline stage's input: column j's chunk of h ("h", [batch, d]) arrives on the
+    region's top row (from the previous wafer, over its I/O; compiler.multiwafer) and is
+    broadcast down the column."""
+    grid = reg.cores(bld.width)
+    rows, cols = grid.shape
+    c0, cs = split(d, cols)
+    h = np.empty(grid.shape, np.int32)
+    h[0] = bld.buffers(grid[0], batch, cs, INPUT, bld.tensor("h", batch, d), c0=c0)
+    if rows > 1:
+        h[1:] = bld.buffers(grid[1:].ravel(), batch, np.tile(cs, rows - 1)).reshape(rows - 1,
+                                                                                    cols)
+        nbytes = np.ceil(batch * cs * DTYPE_BYTES[bld.dtype]).astype(np.int64)
+        line_broadcast(bld, grid.T, 0, h[0], h.T, 0, levels, nbytes)
+    return h
+
+
+def _leave(bld, reg: Region, h, d: int, batch: int) -> None:
+    """A pipeline stage's output: the top row's chunks of h, as tensor "h" [batch, d]."""
+    grid = reg.cores(bld.width)
+    c0, cs = split(d, grid.shape[1])
+    out = bld.buffers(grid[0], batch, cs, OUTPUT, bld.tensor("h", batch, d), c0=c0)
+    bld.compute(grid[0], EPI + 10, OP_COPY, c=out, a=np.asarray(h)[0])
+
+
 def _head(bld, reg: Region, cfg: ModelConfig, h, batch: int, levels: int, kw):
     """Final norm, LM head (logits split over rows) and greedy sampling (argmax)."""
     grid = reg.cores(bld.width)
@@ -593,9 +768,15 @@ def pack_inputs(compiled: CompiledModel, weights: dict[str, np.ndarray], ids: np
         for layer in range(p.first, p.first + p.count):
             pre = f"layers.{layer}."
             for name in ("attn_norm", "attn_norm_bias", "mlp_norm", "mlp_norm_bias", "up",
-                         "down", "gate", "o_bias", "up_bias", "down_bias", "gate_bias"):
+                         "down", "gate", "o_bias", "up_bias", "down_bias", "gate_bias",
+                         "fff_in", "fff_out"):
                 if pre + name in weights:
                     out[pre + name] = weights[pre + name]
+            if compiled.options.act_density is not None:  # this layer's active neurons
+                out[pre + "act_mask"] = ActSparsity(
+                    compiled.options.act_density, compiled.options.act_seed).mask(
+                    layer, compiled.batch, cfg.intermediate_size, cfg.num_hidden_layers
+                ).astype(np.float32)
             for name, gg, pairs in (("q", g, True), ("k", 1, True), ("v", 1, False)):
                 order = lay.order(gg, pairs)
                 out[pre + name] = weights[pre + name][:, order]

@@ -6,12 +6,15 @@ The passes mirror the decode compiler (compiler.model), with prefill's 2D activa
   the [S/s x d/s]-sized activation tiles and the caches as scratch); `place` as in decode;
 - `lower_prefill`: per region [embed | receive h] -> prefill_layer looped once per layer
   (tensors "layers.{l}.*") -> [send h on | final norm, LM head, argmax of the last token].
+  As in decode (compiler.stamp), the layer is lowered once, on the first layer region (the
+  body), and stamped onto the others; the rest (embedding, hand-offs, head) is the glue.
   * embed: the token ids [S, 1] enter at the grid's corner and are multicast along its first
     row, then down every column; core (r, c) holds embed rows v0[r]:+vs[r] (vocabulary split
-    over physical rows), columns of its logical grid column, looks every id up (OP_LOOKUP: a
-    [s*mb, db] partial, zero where the id is not its row), the partials are K-tree reduced
-    down each column, and the root takes each row block (OP_TAKE) and sends it to the core
-    that holds it in the activation layout;
+    over physical rows), columns of its logical grid column. In rounds of `rows` row blocks
+    (as many as a quarter of a core's SRAM holds, so long prompts fit), it looks the round's
+    ids up (OP_LOOKUP: a [rows*mb, db] partial, zero where the id is not its row), the
+    partials are K-tree reduced down each column, and the root takes each row block
+    (OP_TAKE) and sends it to the core that holds it in the activation layout;
   * hand-off: every grid core sends its [mb, db] tile to the same logical core of the next
     region;
   * head: the last prompt token's row (row block (S-1) // mb) is taken from its tiles,
@@ -21,6 +24,12 @@ The passes mirror the decode compiler (compiler.model), with prefill's 2D activa
 - the exact SRAM and colour check of the lowered program decides; it refuses with the bytes
   per core it needs.
 
+A grid of more than SAMPLE_SIDE cores a side is compiled with sampled steps (timing only,
+compiler.algorithms.prefill): the body is lowered twice, its GEMM and attention loops run
+SAMPLED_STEPS[0] and SAMPLED_STEPS[1] steps (Stamped.short and .body), and wafersim.whole
+extrapolates the time to the grid's s steps; `memory["steps"]` records it. Such a program is
+refused for functional execution.
+
 Outputs besides logits / next: "layers.{l}.k_cache" and "layers.{l}.v_cache", [S, KV*hd] per
 layer (k after RoPE, each head's dims in RoPE pair order; v in model order). `unpack_caches`
 turns them into the [1, S, KV*hd] model-order arrays models.reference caches (and that
@@ -29,6 +38,7 @@ compiler.model.pack_inputs takes for a decode step).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -72,16 +82,21 @@ from compiler.program import (
     OP_SQSUM,
     OP_TAKE,
     OP_ZERO,
-    MeshProgram,
     ProgramBuilder,
     ProgramError,
 )
+from compiler.stamp import Stamped
 from compiler.targets import DTYPE_BYTES, MeshTarget
 from models.config import ModelConfig
 
 # Colours beyond the layer's 0-8 (prefill.py): the embedding's scatter reuses the K/V colour 4
 # and the reductions / multicasts 5-8 (they run before the layers); the hand-off gets its own.
 _SCATTER, _RED, _BCAST, _HANDOFF = 4, 5, 7, 9
+# Grids wider than this are compiled with sampled steps (module docstring): at 64 a layer's
+# exact program is about 6 M messages and 2.5 GB to build, growing as s^3.
+SAMPLE_SIDE = 64
+SAMPLED_STEPS = (2, 3)
+EMBED_SHARE = 4  # the embedding's partial sums take at most 1/EMBED_SHARE of a core's SRAM
 
 
 def algos(options) -> tuple[str, str]:
@@ -106,14 +121,18 @@ def compile_prefill(graph, target: MeshTarget, options):
     gemm_algo, gemv_algo = algos(options)
     rows, cols, counts = partition_prefill(cfg, target, seq, options, gemm_algo)
     placements = place(target, rows, cols, counts)
-    program = lower_prefill(cfg, target.width, target.height, placements, seq, options.levels,
-                            gemm_algo, gemv_algo)
-    program.check(target, f"{cfg.name} prefill of {seq} tokens")
-    sram = program.sram_per_core()
     s = min(rows, cols)
+    sample = SAMPLED_STEPS if s > SAMPLE_SIDE else None
+    code = lower_prefill(cfg, target.width, target.height, placements, seq, options.levels,
+                         gemm_algo, gemv_algo, embed_rows(cfg, s, seq, target), sample)
+    code.check(target, f"{cfg.name} prefill of {seq} tokens")
+    sram = code.sram_per_core()
     memory = dict(sram_max_bytes=int(sram.max()), sram_limit_bytes=target.sram_bytes,
-                  sram_mean_bytes=float(sram[sram > 0].mean()), max_ctx=seq, grid=f"{s}x{s}")
-    return CompiledModel(program, cfg, target, options, "prefill", 1, seq, math.ceil(seq / s),
+                  sram_mean_bytes=float(sram[sram > 0].mean()), max_ctx=seq, grid=f"{s}x{s}",
+                  steps=dict(full=s, sampled=list(sample)) if sample else None)
+    if sample:
+        code = code.for_timing()
+    return CompiledModel(code, cfg, target, options, "prefill", 1, seq, math.ceil(seq / s),
                          tuple(placements), memory)
 
 
@@ -134,11 +153,19 @@ def prefill_layer_bytes(cfg: ModelConfig, s: int, seq: int) -> int:
     return math.ceil(elems * DTYPE_BYTES[cfg.dtype])
 
 
+def embed_rows(cfg: ModelConfig, s: int, seq: int, target: MeshTarget) -> int:
+    """Row blocks the embedding looks up per round: its partial sums, their reduction buffer
+    and the scatter's tiles ([rows*mb, db] each) within 1/EMBED_SHARE of a core's SRAM."""
+    tile = 3 * math.ceil(seq / s) * math.ceil(cfg.hidden_size / s) * DTYPE_BYTES[cfg.dtype]
+    return max(1, min(s, int(target.sram_bytes / EMBED_SHARE // tile)))
+
+
 def prefill_scratch_bytes(cfg: ModelConfig, s: int, seq: int, algo: str, embed: bool,
-                          head: bool) -> int:
+                          head: bool, rows: int | None = None) -> int:
     """Estimated scratch on a core (shared by the layers of its region): the GEMMs' receive
     buffers (one more weight tile each, two for SUMMA), activation tiles, attention's blocks,
-    plus the tables' tiles and the embedding's partial sums where the region holds them."""
+    plus the tables' tiles and the embedding's partial sums (`rows` row blocks a round, all s
+    by default) where the region holds them."""
 
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     mb, db, fb = math.ceil(seq / s), math.ceil(d / s), math.ceil(f / s)
@@ -149,7 +176,8 @@ def prefill_scratch_bytes(cfg: ModelConfig, s: int, seq: int, algo: str, embed: 
     elems += 4 * mb * mb * max(1, math.ceil(cfg.num_attention_heads / s))
     vs = math.ceil(cfg.vocab_size / s)
     if embed:
-        elems += vs * db + 3 * s * mb * db + s * mb
+        rows = s if rows is None else rows
+        elems += vs * db + 3 * rows * mb * db + math.ceil(s / rows) * rows * mb
     if head:
         elems += db * vs + 2 * vs + 4 * db
     return math.ceil(elems * DTYPE_BYTES[cfg.dtype])
@@ -159,7 +187,9 @@ def _prefill_counts(cfg, target, s, n, seq, algo):
 
     limit = 0.97 * target.sram_bytes
     per = prefill_layer_bytes(cfg, s, seq)
-    extra = [prefill_scratch_bytes(cfg, s, seq, algo, k == 0, k == n - 1) for k in range(n)]
+    rows = embed_rows(cfg, s, seq, target)
+    extra = [prefill_scratch_bytes(cfg, s, seq, algo, k == 0, k == n - 1, rows)
+             for k in range(n)]
     if max(extra) > limit:
         return None
     return distribute(cfg.num_hidden_layers, [int((limit - e) // per) for e in extra])
@@ -213,47 +243,73 @@ def partition_prefill(cfg: ModelConfig, target: MeshTarget, seq: int, options,
 # ---- lower -------------------------------------------------------------------------------
 
 def lower_prefill(cfg: ModelConfig, width: int, height: int, placements, seq: int, levels: int,
-                  gemm_algo: str = "meshgemm", gemv_algo: str = "meshgemv") -> MeshProgram:
-    """The per-core program of one prefill (see the module docstring)."""
-
-    bld = ProgramBuilder(width, height, cfg.dtype)
+                  gemm_algo: str = "meshgemm", gemv_algo: str = "meshgemv",
+                  rows: int | None = None, sample: tuple[int, int] | None = None) -> Stamped:
+    """The per-core program of one prefill (see the module docstring): the layer body lowered
+    once on the first layer region and stamped onto the others. `rows`: the embedding's row
+    blocks per round (default all); `sample`: (short, long) sampled steps, timing only."""
     shape = (seq, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
              cfg.head_dim, cfg.intermediate_size)
+    plans = [prefill_plan(p.region, width, *shape, gemm_algo) for p in placements]
+    home, hp = next((p.region, q) for p, q in zip(placements, plans) if p.count)
+    grid = hp.core
+
+    def body(steps):
+        bld = ProgramBuilder(width, height, cfg.dtype)
+        h_in = bld.buffers(grid.ravel(), hp.mb, hp.db).reshape(grid.shape)  # the ports
+        out, step = prefill_layer(
+            bld, home, h_in, *shape, LAYER, eps=cfg.norm_eps, gated=cfg.gated_mlp,
+            act=model_activation(cfg.hidden_act), qkv_bias=cfg.qkv_bias, algo=gemm_algo,
+            step=LOOP, rope="rope" if cfg.position == "rope" else None, norm=cfg.norm,
+            bias=cfg.o_proj_bias, post_norm=cfg.architecture == "bert", steps=steps)
+        if step >= EPI:
+            raise ProgramError("prefill layer body too long for the step ranges")
+        _carry(bld, grid.ravel(), out, h_in, step)
+        prog = bld.build()
+        if steps is None:
+            return prog
+        # Timing only: drop the operands now (half the memory); the buffers go after the checks.
+        return dataclasses.replace(prog, meta={**prog.meta, "sampled_steps": steps}, **{
+            f: getattr(prog, f)[:0].copy() for f in ("ins_op", "ins_a", "ins_b", "ins_c",
+                                                     "ins_imm")})
+
+    short, long_ = sample or (None, None)
+    t = body(long_)  # the larger first: the builder's peak with least else held
+    t_short = None if sample is None else body(short)
+    glue = ProgramBuilder(width, height, cfg.dtype)
     count = np.ones(width * height, np.int64)
     base = np.zeros(width * height, np.int64)
-    prev = None
-    for p in placements:
-        plan = prefill_plan(p.region, width, *shape, gemm_algo)
-        h = _embed(bld, plan, cfg) if p.embed else _handoff(bld, prev, plan, EPI)
+    offsets, bind, prev = [], [], None
+    for p, plan in zip(placements, plans):
+        h = _embed(glue, plan, cfg, rows or plan.s) if p.embed else _handoff(glue, prev, plan,
+                                                                               EPI)
         prev = (plan, h)
         if p.count:
-            out, step = prefill_layer(
-                bld, p.region, h, *shape, LAYER, eps=cfg.norm_eps, gated=cfg.gated_mlp,
-                act=model_activation(cfg.hidden_act), qkv_bias=cfg.qkv_bias, algo=gemm_algo,
-                step=LOOP, rope="rope" if cfg.position == "rope" else None, norm=cfg.norm,
-                bias=cfg.o_proj_bias, post_norm=cfg.architecture == "bert")
-            if step >= EPI:
-                raise ProgramError("prefill layer body too long for the step ranges")
-            _carry(bld, plan.core.ravel(), out, h, step)
+            offsets.append(int(plan.core[0, 0] - grid[0, 0]))
+            bind.append(np.asarray(h).ravel())
             count[plan.core.ravel()] = p.count
             base[plan.core.ravel()] = p.first
         if p.head:
-            _head(bld, plan, cfg, h, EPI + 10, levels, gemv_algo)
-    prog = bld.build(loop=(LOOP, EPI, count, base))
-    prog.meta.update(op="prefill", seq=seq, algo=gemm_algo)
-    return prog
+            _head(glue, plan, cfg, h, EPI + 10, levels, gemv_algo)
+    glue = glue.build(loop=(LOOP, EPI, count, base))
+    glue.meta.update(op="prefill", seq=seq, algo=gemm_algo)
+    return Stamped(glue, t, grid.size, np.array(offsets, np.int64), np.array(bind, np.int32),
+                   glue.loop_count, glue.loop_base, short=t_short)
 
 
 def _nbytes(bld, elems) -> np.ndarray:
     return np.ceil(np.asarray(elems) * DTYPE_BYTES[bld.dtype]).astype(np.int64)
 
 
-def _embed(bld: ProgramBuilder, p, cfg: ModelConfig) -> np.ndarray:
-    """Token ids [S, 1] in at the grid's corner; returns the [s, s] activation tiles."""
-    s, mb, db, S = p.s, p.mb, p.db, p.s * p.mb
+def _embed(bld: ProgramBuilder, p, cfg: ModelConfig, rows: int) -> np.ndarray:
+    """Token ids [S, 1] in at the grid's corner; returns the [s, s] activation tiles. The ids
+    are looked up in rounds of `rows` row blocks (module docstring)."""
+    s, mb, db = p.s, p.mb, p.db
     vocab = cfg.vocab_size
     if vocab < s:
         raise ProgramError(f"prefill: vocabulary {vocab} smaller than the {s}x{s} grid")
+    rounds = math.ceil(s / rows)
+    S = rounds * rows * mb  # the ids, padded to whole rounds (id 0 past the prompt)
     phys = np.argsort(p.pos)  # logical index at each physical position
     grid = p.core[phys][:, phys]  # [physical row, physical column]
     lj = np.broadcast_to(phys[None, :], (s, s))  # logical column of each physical core
@@ -271,43 +327,63 @@ def _embed(bld: ProgramBuilder, p, cfg: ModelConfig) -> np.ndarray:
     table = bld.buffers(grid.ravel(), vs[vr].ravel(), db, INPUT,
                         bld.tensor("embed", vocab, cfg.hidden_size), v0[vr].ravel(),
                         (lj * db).ravel()).reshape(s, s)
-    part = bld.buffers(grid.ravel(), S, db).reshape(s, s)
-    bld.compute(grid.ravel(), step, OP_LOOKUP, c=part.ravel(), a=ids.ravel(), b=table.ravel(),
-                imm=(v0[vr].ravel(), 0.0))
+    n = rows * mb  # token rows a round
+    extras = (bld.tensor("pos_embed", cfg.max_position_embeddings, cfg.hidden_size)
+              if cfg.position == "learned" else None,
+              bld.tensor("type_embed", cfg.type_vocab_size, cfg.hidden_size)
+              if cfg.architecture == "bert" else None)
+    chunk = bld.buffers(grid.ravel(), n, 1).reshape(s, s) if rounds > 1 else ids
+    part = bld.buffers(grid.ravel(), n, db).reshape(s, s)
     tmp = bld.like(part)
     root = 0
-    if s > 1:
-        root, step = ktree_reduce(bld, grid.T, part.T, tmp.T, step + 1, 2, _RED,
-                                  np.full(s, _nbytes(bld, S * db)))
-    else:
-        step += 1
-    if cfg.position == "learned":  # + the rows of positions 0..S-1, on each column's root
-        pos = bld.buffers(grid[root], S, db, INPUT,
-                          bld.tensor("pos_embed", cfg.max_position_embeddings, cfg.hidden_size),
-                          0, phys * db)
-        bld.compute(grid[root], step, OP_ADD, c=part[root], a=part[root], b=pos)
-        step += 1
-    if cfg.architecture == "bert":  # + token type 0's row
-        kind = bld.buffers(grid[root], 1, db, INPUT,
-                           bld.tensor("type_embed", cfg.type_vocab_size, cfg.hidden_size), 0,
-                           phys * db)
-        bld.compute(grid[root], step, OP_ADD, c=part[root], a=part[root], b=kind)
-        step += 1
-    # Scatter: the root of physical column c takes row block i and sends it to logical (i, j).
     h = bld.buffers(p.core.ravel(), mb, db).reshape(s, s)
-    ir = phys[root]  # logical row of the root
-    src = grid[root]  # [s] root core of every physical column
-    for i in range(s):
-        at = h[i, phys] if i == ir else bld.buffers(src, mb, db)
-        bld.compute(src, step, OP_TAKE, c=at, a=part[root], imm=(i * mb * db, 0.0))
-        if i != ir:
-            dst = p.core[i, phys]
-            msgs = bld.messages(src, dst, _nbytes(bld, mb * db), _SCATTER)
-            bld.send(src, step + 1, msgs, at)
-            bld.recv(dst, step + 2, msgs, h[i, phys])
+    at = None
+    for r in range(rounds):
+        if rounds > 1:
+            bld.compute(grid.ravel(), step, OP_TAKE, c=chunk.ravel(), a=ids.ravel(),
+                        imm=(r * n, 0.0))
+            step += 1
+        bld.compute(grid.ravel(), step, OP_LOOKUP, c=part.ravel(), a=chunk.ravel(),
+                    b=table.ravel(), imm=(v0[vr].ravel(), 0.0))
+        if s > 1:
+            root, step = ktree_reduce(bld, grid.T, part.T, tmp.T, step + 1, 2, _RED,
+                                      np.full(s, _nbytes(bld, n * db)))
+        else:
+            step += 1
+        src = grid[root]  # [s] root core of every physical column
+        if at is None:  # the scatter's tiles, reused by every round
+            at = [bld.buffers(src, mb, db) for _ in range(rows)]
+        step = _embed_extras(bld, extras, src, part[root], phys, db, r * n, n, step)
+        # Scatter: the root of physical column c takes row block i and sends it to (i, j).
+        ir = phys[root]  # logical row of the root
+        for i in range(r * rows, min(s, (r + 1) * rows)):
+            tile = h[i, phys] if i == ir else at[i - r * rows]
+            bld.compute(src, step, OP_TAKE, c=tile, a=part[root],
+                        imm=((i - r * rows) * mb * db, 0.0))
+            if i != ir:
+                dst = p.core[i, phys]
+                msgs = bld.messages(src, dst, _nbytes(bld, mb * db), _SCATTER)
+                bld.send(src, step + 1, msgs, tile)
+                bld.recv(dst, step + 2, msgs, h[i, phys])
+        step += 3
     if cfg.architecture == "bert":  # BERT normalises the embeddings
-        h, _ = prefill_norm(bld, p, h, "embed_norm", cfg.norm_eps, step + 3, cfg.norm)
+        h, _ = prefill_norm(bld, p, h, "embed_norm", cfg.norm_eps, step, cfg.norm)
     return h
+
+
+def _embed_extras(bld, tensors, cores, part, phys, db: int, r0: int, n: int, step: int) -> int:
+    """+ the rows of positions r0..r0+n-1 (learned positions) and token type 0's row (BERT),
+    tensors (pos_embed, type_embed) or None, on each column's root; returns the next step."""
+    pos, kind = tensors
+    if pos is not None:
+        table = bld.buffers(cores, n, db, INPUT, pos, r0, phys * db)
+        bld.compute(cores, step, OP_ADD, c=part, a=part, b=table)
+        step += 1
+    if kind is not None:
+        row = bld.buffers(cores, 1, db, INPUT, kind, 0, phys * db)
+        bld.compute(cores, step, OP_ADD, c=part, a=part, b=row)
+        step += 1
+    return step
 
 
 def _handoff(bld: ProgramBuilder, prev, p, send_step: int) -> np.ndarray:

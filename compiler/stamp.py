@@ -17,6 +17,10 @@ layout file. A `Stamped` program keeps the parts instead:
 per-core order are copied, their buffers, messages and route entries renumbered and their
 cores moved), so it is the same program the builder would have made, in a fraction of the
 time; the layout file stores the parts.
+
+A prefill body too large to build whole has sampled steps (compiler.algorithms.prefill): then
+`body` runs more sampled steps than `short`, with the same buffers, and both expand, for
+timing only (`expand(True, short=...)`); wafersim.whole simulates both and extrapolates.
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ class Stamped:
     bind: np.ndarray  # int32[copies, ports]: glue buffer bound to each port of copy k
     loop_count: np.ndarray  # int64[cores]
     loop_base: np.ndarray  # int64[cores]
+    short: MeshProgram | None = None  # sampled steps: the body with fewer steps (docstring)
+
+    @property
+    def sampled(self) -> bool:
+        return self.short is not None
 
     @property
     def copies(self) -> int:
@@ -79,6 +88,7 @@ class Stamped:
     def sram_per_core(self) -> np.ndarray:
         """MeshProgram.sram_per_core of the expanded program, from the parts."""
         t, ports = self.body, self.ports
+        t.require_buffers("SRAM per core")
         size = t.buffer_bytes()
         size[:ports] = 0  # the ports are glue buffers, counted there
         per_layer = t.templated()
@@ -113,17 +123,24 @@ class Stamped:
         instructions before it and precedes all after it. A cycle through the expansion
         would show in one of the two (the second can only add dependencies)."""
         self.body.check_order(what)
+        if self.short is not None:
+            self.short.check_order(what)
         g = self.glue
         copy_of, _ = self._copy_of()
         core, at = _deadlock(g.core_ptr, g.ins_kind, g.ins_arg, g.route_ptr, g.n_messages,
                              g.loop_start, copy_of, self.copies)
         report_deadlock(g, core, at, what)
 
-    def expand(self, timing_only: bool = False) -> MeshProgram:
+    def expand(self, timing_only: bool = False, short: bool | None = None) -> MeshProgram:
         """The whole program, every copy written out. `timing_only`: only what the simulator
         reads (instruction kinds, costs and messages; no ops, operands or buffers: about half
-        the memory); such a program refuses functional execution and SRAM counts."""
-        g, t, k = self.glue, self.body, self.copies
+        the memory); such a program refuses functional execution and SRAM counts. A sampled
+        program expands only for timing, and `short` says which of its two bodies."""
+        if self.sampled and (not timing_only or short is None):
+            raise ProgramError("a prefill with sampled steps is for timing only: simulate it "
+                               "with wafersim.whole.simulate_layout, which runs both sampled "
+                               "bodies and extrapolates")
+        g, t, k = self.glue, self.short if short else self.body, self.copies
         if (t.width, t.height, t.dtype) != (g.width, g.height, g.dtype) or k == 0:
             raise ProgramError("stamped parts do not belong to one mesh")
         ports = self.ports
@@ -192,13 +209,28 @@ class Stamped:
             loop_end=loop_start + body_n, loop_count=self.loop_count, loop_base=self.loop_base,
             meta={**g.meta, **t.meta, **({"timing_only": True} if timing_only else {})})
 
+    def for_timing(self) -> Stamped:
+        """These parts with only what expand(timing_only=True) reads: no operands, and of the
+        bodies' buffers only the ports (for a sampled prefill, which is timing only: a third
+        of the memory and of the layout file goes)."""
+        def strip(p: MeshProgram, keep: int | None) -> MeshProgram:
+            cut = {f: getattr(p, f)[:0].copy() for f in _OPERANDS}
+            if keep is not None:
+                cut.update({f: getattr(p, f)[:keep].copy() for f in _BUFFERS})
+            return dataclasses.replace(p, meta={**p.meta, "timing_only": True}, **cut)
+
+        return dataclasses.replace(
+            self, glue=strip(self.glue, None), body=strip(self.body, self.ports),
+            short=None if self.short is None else strip(self.short, self.ports))
+
     def parts(self) -> dict:
         """The arrays besides the two programs, for the layout file."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("glue", "body", "ports")}
+                if f.name not in ("glue", "body", "ports", "short")}
 
 
 _BUFFERS = ("buf_core", "buf_rows", "buf_cols", "buf_role", "buf_tensor", "buf_r0", "buf_c0")
+_OPERANDS = ("ins_op", "ins_a", "ins_b", "ins_c", "ins_imm")
 COPY, BUFFER, ARG = 0, 1, 2  # how _stamp_column renumbers a body column per copy
 
 

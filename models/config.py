@@ -70,6 +70,7 @@ _CHOICES = {
     "dtype": tuple(DTYPE_BYTES),
 }
 _MISSING = object()
+MAX_FFF_DEPTH = 20  # a tree of 2^21 - 1 neurons per layer
 
 
 class ConfigError(ValueError):
@@ -107,9 +108,18 @@ class ModelConfig:
     dtype: str = "bf16"
     type_vocab_size: int = 0
     head_dim_override: int | None = None
+    # Fast feed-forward (Belcak and Wattenhofer, UltraFastBERT): each layer's MLP becomes a
+    # balanced binary tree of neurons of this depth, 2^(depth+1) - 1 of them, of which a token
+    # evaluates depth + 1 (one per level, descending by the sign of each); no biases.
+    fff_depth: int | None = None
 
     def __post_init__(self) -> None:
         _validate(vars(self), self.name, {})
+
+    @property
+    def fff_nodes(self) -> int:
+        """Neurons of a fast feed-forward tree (0 for an ordinary MLP)."""
+        return 0 if self.fff_depth is None else 2 ** (self.fff_depth + 1) - 1
 
     @property
     def head_dim(self) -> int:
@@ -136,6 +146,8 @@ class ModelConfig:
         attn += (q_out + 2 * kv_out) * self.qkv_bias + h * self.o_proj_bias
         mlp_mats = 3 if self.gated_mlp else 2
         mlp = mlp_mats * h * i + ((mlp_mats - 1) * i + h) * self.mlp_bias
+        if self.fff_depth is not None:  # an input and an output vector per tree neuron
+            mlp = 2 * self.fff_nodes * h
         layer = attn + mlp + 2 * norm
         # One norm outside the layers: the final norm (pre-norm) or BERT's embedding norm.
         total = embed + self.num_hidden_layers * layer + norm
@@ -322,6 +334,10 @@ def _validate(v: Mapping[str, Any], where: str, keys: Mapping[str, str]) -> None
             fail(f"{show(field)} must be an integer > 0")
     if not _is_int(v["type_vocab_size"]) or v["type_vocab_size"] < 0:
         fail(f"{show('type_vocab_size')} must be an integer >= 0")
+    if v["fff_depth"] is not None and (
+        not _is_int(v["fff_depth"]) or not 0 <= v["fff_depth"] <= MAX_FFF_DEPTH
+    ):
+        fail(f"fff_depth={v['fff_depth']!r} must be an integer from 0 to {MAX_FFF_DEPTH}")
     if v["head_dim_override"] is not None and (
         not _is_int(v["head_dim_override"]) or v["head_dim_override"] <= 0
     ):

@@ -8,14 +8,18 @@ unless given) and dtype.
 
 The step, per sequence: embed the new tokens -> layers -> final norm -> LM head on the last
 position -> sample. A layer is pre-norm (llama, GPT-2) or post-norm (BERT); see the two block
-functions below. Cost conventions are in models/ops.py.
+functions below; a fast feed-forward model (`fff_depth`) has a tree instead of the MLP, and
+`with_activation_sparsity` rewrites a step's MLPs for sparse activations. Cost conventions
+are in models/ops.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import networkx as nx
+import numpy as np
 
 from models.config import ModelConfig
 from models.ops import Op, attn_score, attn_value, elementwise, embedding, matmul, norm, sample
@@ -23,6 +27,7 @@ from models.ops import Op, attn_score, attn_value, elementwise, embedding, matmu
 PHASES = ("prefill", "decode")
 DEFAULT_SEQ_LEN = 512
 DEFAULT_CTX_LEN = 4096
+ELL_INDEX_BYTES = 2  # a 16-bit neuron index per packed (ELL) activation
 
 
 def build_graph(
@@ -164,6 +169,8 @@ def _attention(b: _Builder, i: int, x: str) -> str:
 
 def _mlp(b: _Builder, i: int, x: str) -> str:
     """Gated (SwiGLU): down(act(gate(x)) * up(x)); plain (GPT-2, BERT): down(act(up(x)))."""
+    if b.cfg.fff_depth is not None:
+        return _fff(b, i, x)
     h, f, bias = b.cfg.hidden_size, b.cfg.intermediate_size, b.cfg.mlp_bias
     if b.cfg.gated_mlp:
         gate = b.linear(i, "gate_proj", x, h, f, bias)
@@ -172,6 +179,59 @@ def _mlp(b: _Builder, i: int, x: str) -> str:
     else:
         y = b.pointwise(i, "act", "activation", f, b.linear(i, "up_proj", x, h, f, bias))
     return b.linear(i, "down_proj", y, f, h, bias)
+
+
+def _fff(b: _Builder, i: int, x: str) -> str:
+    """Fast feed-forward (models.reference.fff): each token's depth + 1 dot products with the
+    input vectors of the nodes on its path (fff_in), their activations, and the sum of as
+    many output vectors (fff_out). The rows read are the distinct nodes the step's tokens can
+    visit, sum over levels of min(tokens, 2^level); the whole tree stays resident
+    (node attribute `weight_store_bytes`)."""
+    cfg, rows = b.cfg, b.rows
+    d, levels, db = cfg.hidden_size, cfg.fff_depth + 1, cfg.dtype_bytes
+    read = sum(min(rows, 2 ** level) for level in range(levels)) * d * db
+    kind = b.matmul_kind
+    z = b.add(Op(f"L{i}.fff_in", kind, i, rows, d, levels, dtype=cfg.dtype,
+                 flops=2 * rows * d * levels, weight_bytes=read, in_bytes=rows * d * db,
+                 out_bytes=rows * levels * db, weight=f"L{i}.fff_in.weight"), x)
+    a = b.pointwise(i, "act", "activation", levels, z)
+    y = b.add(Op(f"L{i}.fff_out", kind, i, rows, levels, d, dtype=cfg.dtype,
+                 flops=2 * rows * levels * d, weight_bytes=read, in_bytes=rows * levels * db,
+                 out_bytes=rows * d * db, weight=f"L{i}.fff_out.weight"), a)
+    for name in (z, y):
+        b.g.nodes[name]["weight_store_bytes"] = cfg.fff_nodes * d * db
+    return y
+
+
+def with_activation_sparsity(g: nx.DiGraph, masks) -> nx.DiGraph:
+    """A copy of step graph `g` whose MLPs run on sparse activations (TwELL): `masks[l]` is
+    layer l's bool [tokens, f], the neurons that fire. The activation (or gate multiply)
+    writes them packed, ELL_INDEX_BYTES of index with each value; the down projection
+    multiplies one weight row per entry and reads each active row once (the union over the
+    step's tokens). Its dense weight bytes stay resident (`weight_store_bytes`) and
+    `act_density` records the fraction of rows it reads."""
+    cfg = g.graph["cfg"]
+    if cfg.fff_depth is not None:
+        raise ValueError(f"{cfg.name}: a fast feed-forward tree (fff_depth) has no down "
+                         "projection to run on sparse activations")
+    g = g.copy()
+    db = cfg.dtype_bytes
+    for layer, mask in enumerate(masks):
+        mask = np.asarray(mask, bool)
+        down = g.nodes[f"L{layer}.down_proj"]["op"]
+        entries = int(mask.sum())
+        union = int(mask.any(axis=0).sum())
+        packed = math.ceil(entries * (db + ELL_INDEX_BYTES))
+        bias = cfg.mlp_bias
+        g.nodes[down.name].update(
+            op=replace(down, flops=2 * entries * down.n + down.m * down.n * bias,
+                       weight_bytes=(union + bias) * down.n * db, in_bytes=packed),
+            weight_store_bytes=down.weight_bytes, act_density=union / down.k)
+        act = f"L{layer}.gate_mul" if cfg.gated_mlp else f"L{layer}.act"
+        g.nodes[act]["op"] = replace(g.nodes[act]["op"], out_bytes=packed)
+        for _, _, data in g.out_edges(act, data=True):
+            data["bytes"] = packed
+    return g
 
 
 def _embeddings(b: _Builder) -> str:

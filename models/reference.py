@@ -61,6 +61,8 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
     Beyond q/k/v biases, `o_proj_bias` adds ".o_bias" [1, d] and `mlp_bias` adds ".gate_bias"
     (gated only), ".up_bias" [1, f] and ".down_bias" [1, d], as in llama with attention_bias.
+    A fast feed-forward model (`fff_depth`) has ".fff_in" [d, nodes] (a column per neuron) and
+    ".fff_out" [nodes, d] instead of the MLP's matrices and biases.
     LayerNorm adds a bias to every norm (".attn_norm_bias", ".mlp_norm_bias", "final_norm_bias",
     [1, d]); learned positions add "pos_embed" [max_position_embeddings, d].
     """
@@ -88,6 +90,9 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "mlp_norm"] = (1, d)
         if ln:
             shapes[p + "mlp_norm_bias"] = (1, d)
+        if cfg.fff_depth is not None:  # a fast feed-forward tree instead of the MLP
+            shapes |= {p + "fff_in": (d, cfg.fff_nodes), p + "fff_out": (cfg.fff_nodes, d)}
+            continue
         if cfg.gated_mlp:
             shapes[p + "gate"] = (d, f)
         shapes |= {p + "up": (d, f), p + "down": (f, d)}
@@ -201,13 +206,35 @@ def _check_weights(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> None:
                              f"{tuple(weights[name].shape)}, expected {shape}")
 
 
+def fff(x: np.ndarray, w_in: np.ndarray, w_out: np.ndarray, depth: int, act: str
+        ) -> tuple[np.ndarray, np.ndarray]:
+    """Fast feed-forward (UltraFastBERT's FFF, inference): every row of x [..., d] descends the
+    tree from the root, node n's children being 2n + 1 (left) and 2n + 2 (right): at each
+    level z = x . w_in[:, n], the output gains act(z) * w_out[n], and z >= 0 goes right.
+    Returns (y like x, the nodes each row visits [..., depth + 1])."""
+    flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    node = np.zeros(len(flat), np.int64)
+    y = np.zeros_like(flat)
+    nodes = []
+    for _ in range(depth + 1):
+        z = np.einsum("rd,dr->r", flat, w_in[:, node].astype(np.float64))
+        y += _act(act, z)[:, None] * w_out[node].astype(np.float64)
+        nodes.append(node)
+        node = 2 * node + 1 + (z >= 0)
+    return y.reshape(x.shape), np.stack(nodes, axis=-1).reshape(*x.shape[:-1], depth + 1)
+
+
 def forward(
-    cfg: ModelConfig, weights: dict[str, np.ndarray], ids, cache: KVCache | None = None
+    cfg: ModelConfig, weights: dict[str, np.ndarray], ids, cache: KVCache | None = None,
+    act_mask=None, paths: list | None = None,
 ) -> tuple[np.ndarray, KVCache]:
     """Logits [b, T, vocab] float32 for new tokens ids [b, T], and the cache grown by T.
 
     Positions continue from `cache.length` (0 without a cache); each new token attends to the
-    whole cache and to the new tokens up to itself.
+    whole cache and to the new tokens up to itself. `act_mask`: per layer, the MLP neurons
+    that fire ([b, f] or [b, T, f], 0 or 1; activation sparsity): the others' activations are
+    zeroed before the down projection. `paths`: a list that gets, per layer of a fast
+    feed-forward model, the nodes each token visits ([b, T, depth + 1], `fff`).
     """
     _check_weights(cfg, weights)
     ids = np.asarray(ids)
@@ -267,11 +294,21 @@ def forward(
         if bert:
             x = _norm(cfg, x, w, "attn_norm")
         h = x if bert else _norm(cfg, x, w, "mlp_norm")
+        if cfg.fff_depth is not None:
+            y, visited = fff(h, w["fff_in"], w["fff_out"], cfg.fff_depth, cfg.hidden_act)
+            if paths is not None:
+                paths.append(visited)
+            x = x + y
+            if bert:
+                x = _norm(cfg, x, w, "mlp_norm")
+            continue
         up = _linear(h, w, "up")
         if cfg.gated_mlp:
             y = _act(cfg.hidden_act, _linear(h, w, "gate")) * up
         else:
             y = _act(cfg.hidden_act, up)
+        if act_mask is not None:
+            y = y * np.reshape(act_mask[l], (b, -1, y.shape[-1]))
         x = x + _linear(y, w, "down")
         if bert:
             x = _norm(cfg, x, w, "mlp_norm")

@@ -136,3 +136,59 @@ def test_chained_gemvs_with_alternating_axes_need_no_data_movement(rows, cols):
          step=step)
     out = execute(bld.build(), {"x": x, "W1": w1, "W2": w2})
     np.testing.assert_allclose(out["y"], x @ w1 @ w2, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3, 7, 1000])
+@pytest.mark.parametrize("rows,cols,k_axis", [(5, 3, "rows"), (4, 6, "cols"), (1, 4, "rows")])
+def test_pipeline_gemv_streams_any_number_of_chunks(chunks, rows, cols, k_axis):
+    """Chunks cut the flat [b, n] partial sum (b > 1 too), unevenly, more than its elements."""
+    from compiler.algorithms.common import Region
+    from compiler.algorithms.meshgemv import gemv
+    from compiler.program import ProgramBuilder
+
+    rng = np.random.default_rng(chunks)
+    x = rng.standard_normal((3, 22)).astype(np.float32)
+    w = rng.standard_normal((22, 17)).astype(np.float32)
+    bld = ProgramBuilder(cols, rows, "fp32")
+    gemv(bld, Region(rows, cols), 3, 22, 17, "pipeline", k_axis=k_axis, chunks=chunks)
+    prog = bld.build()
+    prog.check(WSE2)
+    np.testing.assert_allclose(execute(prog, {"x": x, "W": w})["y"], x @ w, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_pipeline_chunks_follow_the_closed_form_optimum():
+    from compiler.algorithms.allreduce import pipeline_chunks
+
+    # o = 4 + 4 + 2 * 4 + 1 = 17 cycles per chunk, v = 92 B / 4 B per cycle = 23 cycles
+    assert pipeline_chunks(360, 92, WSE2, most=100) == round((358 * 23 / 17) ** 0.5) == 22
+    assert pipeline_chunks(360, 92, WSE2) == 8
+    assert pipeline_chunks(2, 10_000, WSE2) == 1  # one hop: nothing to overlap
+    assert pipeline_chunks(64, 2, WSE2) == 1
+
+
+def test_pipeline_beats_the_ring_on_a_long_line_and_matches_it_with_one_chunk():
+    """A chain of 64 cores: streaming 8 chunks overlaps the hops' transfers and adds."""
+    from compiler.algorithms.common import Region
+    from compiler.algorithms.meshgemv import gemv
+    from compiler.program import ProgramBuilder
+    from wafersim.simulate import simulate
+
+    def cycles(algo, chunks=1):
+        bld = ProgramBuilder(1, 64, "bf16")
+        gemv(bld, Region(64, 1), 1, 64, 512, algo, chunks=chunks)
+        return simulate(bld.build(), WSE2).makespan_cycles
+
+    ring, one, eight = cycles("ring"), cycles("pipeline", 1), cycles("pipeline", 8)
+    assert eight < 0.5 * ring
+    assert one == pytest.approx(ring, rel=0.05)  # the take / put of a whole vector only
+
+
+def test_whole_model_compiler_takes_only_the_reductions_its_estimate_models():
+    from compiler.model import CompileOptions, compile_model
+    from compiler.targets import load_target
+    from models import build_graph, load_model
+
+    graph = build_graph(load_model("tiny-llama"), "decode", ctx_len=8)
+    with pytest.raises(ProgramError, match="not one of meshgemv, ring"):
+        compile_model(graph, load_target("test16x16"), CompileOptions(algo="pipeline"))

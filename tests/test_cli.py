@@ -24,7 +24,7 @@ def test_op_compares_algorithms_in_json():
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)
     algos = {r["algo"]: r for r in data["results"]}
-    assert set(algos) == {"meshgemv", "ring"}
+    assert set(algos) == {"meshgemv", "ring", "pipeline"}
     assert data["best"] == "meshgemv"
     for r in algos.values():
         assert r["makespan_s"] > 0 and 0 <= r["busy_fraction"] <= 1

@@ -97,7 +97,22 @@ def test_cli_json_keys():
             "tokens_per_s", "tokens_per_s_with_rest", "last_core_compute",
             "last_core_overhead", "last_core_wait", "busy_fraction", "idle_fraction",
             "layer_link_bytes", "layer_sram_max_bytes", "sram_limit_bytes", "fits",
-            "vocab_shrunk", "grid", "attention", "layers"} <= set(data)
+            "vocab_shrunk", "grid", "attention", "layers", "kv", "max_decode",
+            "max_decode_shift", "max_decode_concat", "kv_tokens_per_core"} <= set(data)
+
+
+@pytest.mark.parametrize("kv", ["shift", "concat"])
+def test_kv_capacity_of_the_layer_grid(kv):
+    r = layer_run(CFG, WSE2, 8, "decode", ctx=32, kv=kv)
+    per_core = r["kv_tokens_per_core"]
+    assert r["kv"] == kv and r["kv_cores_per_line"] == 8
+    assert r["max_decode"] == r[f"max_decode_{kv}"]
+    assert r["max_tokens_shift"] == 8 * per_core == r["max_decode_shift"] + 32
+    assert r["max_tokens_concat"] == 32 + per_core - 32 // 8
+    assert r["max_decode_shift"] > r["max_decode_concat"] > 0
+    # the timing is the shift layout's either way; prefill has no decode capacity
+    assert r["layer_cycles"] == layer_run(CFG, WSE2, 8, "decode", ctx=32)["layer_cycles"]
+    assert layer_run(CFG, WSE2, 8, "prefill", ctx=32, kv=kv)["max_decode"] is None
 
 
 def test_cli_sweep_rows_text_and_plot(tmp_path):
@@ -111,10 +126,12 @@ def test_cli_sweep_rows_text_and_plot(tmp_path):
     out = runner.invoke(app, ["layer", "tiny-llama", "--grid", "8,16", "--ctx", "32"])
     assert out.exit_code == 0, out.output
     assert "extrapolated: true" in out.stdout and "estimate" in out.stdout
+    assert "max decode (shift KV)" in out.stdout
 
 
 @pytest.mark.parametrize("args", [["--grid", "0"], ["--grid", "abc"], ["--grid", "2000"],
-                                  ["--attention", "heads"], ["--phase", "train"]])
+                                  ["--attention", "heads"], ["--phase", "train"],
+                                  ["--kv", "paged"]])
 def test_cli_bad_input_is_one_line_exit_2(args):
     out = runner.invoke(app, ["layer", "tiny-llama", "--ctx", "32", *args])
     assert out.exit_code == 2, (args, out.output)

@@ -147,3 +147,131 @@ def test_the_parts_order_check_agrees_with_the_expansions(cycle):
         code.check_order()
     with pytest.raises(ProgramError, match="can deadlock"):
         code.expand().check_order()
+
+
+# ---- prefill: stamped like decode; sampled steps for grids too large to build whole ----------
+
+PREFILL_CFG = dataclasses.replace(CFG, num_hidden_layers=3)
+
+
+def _prefill(seq: int = 7, region=(4, 4), **kw):
+    return compile_model(build_graph(PREFILL_CFG, "prefill", seq_len=seq), MESH,
+                         CompileOptions(region=region, **kw))
+
+
+def _unstamped_prefill(c) -> MeshProgram:
+    """The prefill as one builder makes it, each region's layer lowered in place (the
+    lowering before stamping), from the same pieces."""
+    from compiler import prefill_model as pm
+    from compiler.algorithms.prefill import prefill_layer, prefill_plan
+    from compiler.model import EPI, LAYER, LOOP, _carry
+    from compiler.program import ProgramBuilder
+
+    cfg, w, h = c.model, c.target.width, c.target.height
+    shape = (c.ctx, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+             cfg.head_dim, cfg.intermediate_size)
+    bld = ProgramBuilder(w, h, cfg.dtype)
+    count, base = np.ones(w * h, np.int64), np.zeros(w * h, np.int64)
+    gemm, gemv = pm.algos(c.options)
+    prev = None
+    for p in c.placements:
+        plan = prefill_plan(p.region, w, *shape, gemm)
+        x = pm._embed(bld, plan, cfg, plan.s) if p.embed else pm._handoff(bld, prev, plan, EPI)
+        prev = (plan, x)
+        if p.count:
+            out, step = prefill_layer(bld, p.region, x, *shape, LAYER, eps=cfg.norm_eps,
+                                      algo=gemm, step=LOOP)
+            _carry(bld, plan.core.ravel(), out, x, step)
+            count[plan.core.ravel()], base[plan.core.ravel()] = p.count, p.first
+        if p.head:
+            pm._head(bld, plan, cfg, x, EPI + 10, c.options.levels, gemv)
+    return bld.build(loop=(LOOP, EPI, count, base))
+
+
+@pytest.mark.parametrize("algo", ["meshgemm", "summa"])
+def test_stamped_prefill_equals_the_unstamped_program(algo):
+    """Several regions (embedding, layer regions, head): the expansion simulates and computes
+    exactly as the program lowered region by region."""
+    from compiler.model import pack_inputs
+    from models.reference import random_weights
+
+    c = _prefill(algo=algo)
+    assert isinstance(c.code, Stamped) and c.code.copies >= 2 and not c.code.sampled
+    stamped, plain = c.program, _unstamped_prefill(c)
+    assert stamped.n_instructions == plain.n_instructions
+    assert stamped.n_messages == plain.n_messages
+    np.testing.assert_array_equal(c.code.sram_per_core(), plain.sram_per_core())
+    a, b = simulate(stamped, MESH), simulate(plain, MESH)
+    assert a.makespan_cycles == b.makespan_cycles and a.events == b.events
+    np.testing.assert_array_equal(a.core_busy, b.core_busy)
+    np.testing.assert_array_equal(a.link_bytes, b.link_bytes)
+    ins = pack_inputs(c, random_weights(PREFILL_CFG, seed=2), np.array([4, 9, 200, 3, 7, 1, 60]))
+    got, want = execute(stamped, ins), execute(plain, ins)
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.fixture
+def sampled(monkeypatch):
+    """tiny-llama prefill on 4x4 grids with sampled steps forced: (short, long) = (2, 4) of
+    the grid's 4, so the long body is the whole layer."""
+    from compiler import prefill_model as pm
+
+    monkeypatch.setattr(pm, "SAMPLE_SIDE", 0)
+    monkeypatch.setattr(pm, "SAMPLED_STEPS", (2, 4))
+    return _prefill(seq=16)
+
+
+def test_sampled_prefill_with_the_whole_loop_sampled_simulates_exactly(sampled):
+    from wafersim.whole import simulate_layout
+
+    exact = _prefill(seq=16)
+    assert sampled.code.sampled and sampled.memory["steps"] == {"full": 4, "sampled": [2, 4]}
+    for layers in ("all", "one"):
+        got = simulate_layout(sampled.code, MESH, sampled.info(), layers)
+        want = simulate_layout(exact.code, MESH, exact.info(), layers)
+        assert got["steps_sampled"] == [2, 4, 4] and got["extrapolated"]
+        for key in ("makespan_cycles", "flops", "messages", "onchip_bytes"):
+            assert got[key] == want[key], key
+
+
+def test_sampled_prefill_extrapolates_close_to_the_exact_simulation(monkeypatch):
+    """Sampled (2, 3) of 8 steps on 8x8 grids: the step time within 3% of every step simulated
+    (docs/validation.md measures larger grids)."""
+    from compiler import prefill_model as pm
+    from wafersim.whole import simulate_layout
+
+    mesh = load_target("wse2").with_mesh(16, 8)
+    graph = build_graph(PREFILL_CFG, "prefill", seq_len=24)
+    exact = compile_model(graph, mesh, CompileOptions(region=(8, 8)))
+    monkeypatch.setattr(pm, "SAMPLE_SIDE", 0)
+    monkeypatch.setattr(pm, "SAMPLED_STEPS", (2, 3))
+    fast = compile_model(graph, mesh, CompileOptions(region=(8, 8)))
+    want = simulate_layout(exact.code, mesh, exact.info())["makespan_cycles"]
+    got = simulate_layout(fast.code, mesh, fast.info())
+    assert got["steps_sampled"] == [2, 3, 8]
+    assert abs(got["makespan_cycles"] / want - 1) < 0.03
+
+
+def test_a_sampled_prefill_is_for_timing_only_and_keeps_both_bodies(sampled, tmp_path):
+    code = sampled.code
+    with pytest.raises(ProgramError, match="timing only"):
+        code.expand()
+    with pytest.raises(ProgramError, match="timing only"):
+        code.expand(True)  # which body?
+    with pytest.raises(ProgramError, match="timing only"):
+        sampled.timing_program()
+    with pytest.raises(ProgramError, match="timing only"):
+        code.sram_per_core()  # the bodies keep only their ports' buffers
+    assert code.expand(True, short=True).n_messages < code.expand(True, short=False).n_messages
+    path = tmp_path / "p.wsl"
+    save_layout(code, path, **sampled.info())
+    back, info = load_code(path)
+    assert back.sampled and info["memory"]["steps"]["sampled"] == [2, 4]
+    for short in (True, False):
+        a, b = code.expand(True, short=short), back.expand(True, short=short)
+        np.testing.assert_array_equal(a.ins_kind, b.ins_kind)
+        np.testing.assert_array_equal(a.msg_bytes, b.msg_bytes)
+    with pytest.raises(Exception, match="sampled steps"):
+        load_layout(path)

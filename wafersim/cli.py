@@ -70,6 +70,30 @@ def emit(obj: dict) -> None:
     print(json.dumps(obj, default=float))
 
 
+ACT_DENSITY_HELP = ("Activation sparsity (TwELL): the FFN neurons' density, 0.1, one per layer "
+                    "0.1,0.2,..., or beta:MEAN:CONC.")
+FFF_DEPTH_HELP = ("Replace every MLP with a fast feed-forward tree of this depth "
+                  "(2^(d+1)-1 neurons, d+1 per token; -1: the model's MLP).")
+QUANT_HELP = "Store the weights in bf16, fp16, fp8, int8 or int4 (default: the model's dtype)."
+KV_DTYPE_HELP = "Store the KV cache in bf16, fp16, fp8, int8 or int4 (default: the model's)."
+QUANT_GROUP_HELP = "Elements per fp16 scale of fp8/int8/int4 weights and KV entries."
+PRUNE_HELP = "Prune the layers' projections: 2:4, or the density of kept weights (0.5)."
+
+
+def quant_options(quant: str, kv_dtype: str, group: int, prune: str) -> dict:
+    """CompileOptions' storage fields from the CLI's --quant, --kv-dtype, --quant-group, --prune
+    (compiler.quant checks them)."""
+    return dict(quant=quant or None, kv_dtype=kv_dtype or None, quant_group=group,
+                prune=prune or None)
+
+
+def with_fff(cfg, depth: int):
+    """The model with fast feed-forward layers of `depth` (-1: unchanged)."""
+    import dataclasses
+
+    return cfg if depth == -1 else dataclasses.replace(cfg, fff_depth=depth)
+
+
 @app.command()
 @user_errors
 def info(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
@@ -168,7 +192,9 @@ def op(
 @user_errors
 def compile_cmd(
     model: str = typer.Argument(..., help="Zoo model name or a config.json path."),
-    target: str = typer.Option("wse2", "--target", help="Preset name or target TOML/JSON file."),
+    target: str = typer.Option("wse2", "--target",
+                               help="Preset name or target TOML/JSON file; COUNTxTARGET (e.g. "
+                                    "4xwse3) pipelines the layers over several wafers."),
     phase: str = typer.Option("decode", "--phase",
                               help="decode, or prefill (one prompt of --ctx tokens, batch 1)."),
     batch: int = typer.Option(1, "--batch"),
@@ -179,24 +205,44 @@ def compile_cmd(
                                help="waferllm (fastest estimated), pipeline or largest."),
     region: str = typer.Option("", "--region", help="Force every region to ROWSxCOLS cores."),
     algo: str = typer.Option("meshgemv", "--algo",
-                             help="GEMV reductions: meshgemv (K-tree) or ring (pipeline)."),
+                             help="GEMV reductions: meshgemv (K-tree) or ring (chain)."),
+    act_density: str = typer.Option("", "--act-density", help=ACT_DENSITY_HELP),
+    act_seed: int = typer.Option(0, "--act-seed", help="Seed of the active neurons' draw."),
+    fff_depth: int = typer.Option(-1, "--fff-depth", help=FFF_DEPTH_HELP),
+    quant: str = typer.Option("", "--quant", help=QUANT_HELP),
+    kv_dtype: str = typer.Option("", "--kv-dtype", help=KV_DTYPE_HELP),
+    quant_group: int = typer.Option(128, "--quant-group", help=QUANT_GROUP_HELP),
+    prune: str = typer.Option("", "--prune", help=PRUNE_HELP),
     output: str = typer.Option("", "-o", "--output", help="Write the layout file here."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Place a whole model on the wafer and lower it to per-core programs (a layout file)."""
     import time
 
+    from compiler import multiwafer
     from compiler.layout import save_layout
     from compiler.model import CompileOptions, compile_model
+    from compiler.multiwafer import WaferCluster, compile_multiwafer, is_cluster, load_cluster
     from models import build_graph, load_model
 
-    tgt = load_target(target)
-    cfg = load_model(model)
+    tgt = load_cluster(target) if is_cluster(target) else load_target(target)
+    cfg = with_fff(load_model(model), fff_depth)
     t0 = time.perf_counter()
     graph = (build_graph(cfg, phase, batch=batch, seq_len=ctx) if phase == "prefill"
              else build_graph(cfg, phase, batch=batch, ctx_len=ctx))
     options = CompileOptions(policy=policy, capacity=capacity or None, algo=algo,
-                             region=parse_mesh(region, "--region") if region else None)
+                             region=parse_mesh(region, "--region") if region else None,
+                             act_density=act_density or None, act_seed=act_seed,
+                             **quant_options(quant, kv_dtype, quant_group, prune))
+    if isinstance(tgt, WaferCluster):
+        mw = compile_multiwafer(graph, tgt, options)
+        summary = {**multiwafer.report(mw), "compile_wall_s": time.perf_counter() - t0,
+                   "layouts": multiwafer.save_stages(mw, output) if output else None}
+        if as_json:
+            emit(summary)
+            return
+        _print_stages(summary, f"{cfg.name} decode over {tgt.name} ({policy})")
+        return
     compiled = compile_model(graph, tgt, options)
     wall = time.perf_counter() - t0
     if output:
@@ -204,12 +250,17 @@ def compile_cmd(
     prog, mem = compiled.code, compiled.memory
     summary = {"system": tgt.name, "model": cfg.name, "phase": phase, "batch": batch,
                "ctx": ctx, "fits": True, "policy": policy, "algo": algo,
+               **({"act_density": act_density, "act_seed": act_seed} if act_density else {}),
+               **({"fff_depth": fff_depth} if fff_depth >= 0 else {}),
                "regions": len(compiled.placements),
                "region": f"{compiled.placements[0].region.rows}x"
                          f"{compiled.placements[0].region.cols}",
                "layers_per_region": [p.count for p in compiled.placements],
                "sram_max_bytes": mem["sram_max_bytes"], "sram_limit_bytes": tgt.sram_bytes,
                "max_ctx": mem["max_ctx"], "max_batch": mem.get("max_batch"),
+               **{key: mem[key] for key in mem if key.startswith(("kv_", "max_tokens_",
+                                                                  "max_decode_"))},
+               **quant_summary(mem.get("quant")),
                "instructions": prog.n_instructions,
                "messages": prog.n_messages, "compile_wall_s": wall, "layout": output or None}
     if as_json:
@@ -217,6 +268,41 @@ def compile_cmd(
         return
     table = Table("", "", title=f"{cfg.name} {phase} on {tgt.name} ({policy})")
     _print_pairs(table, summary)
+
+
+def quant_summary(gain: dict | None) -> dict:
+    """The compile report's storage keys (compiler.model.capacity_gain): the scheme, and
+    whether the model fits, the largest context and batch, stored dense vs as the scheme."""
+    if gain is None:
+        return {}
+    out = {"storage": gain["scheme"]}
+    for key in ("fits", "max_ctx", "max_batch"):
+        out[f"dense_{key}"], out[f"quant_{key}"] = gain["dense"][key], gain["quant"][key]
+    return out
+
+
+def _print_stages(summary: dict, title: str) -> None:
+    """A cluster's compile report: a row per wafer, then the step's figures."""
+    table = Table("wafer", "layers", "embed", "head", "regions", "SRAM/core", "max ctx",
+                  "estimated time", title=title)
+    for st in summary["stages"]:
+        table.add_row(str(st["wafer"]), st["layers"], "yes" if st["embed"] else "",
+                      "yes" if st["head"] else "", f"{st['regions']} x {st['region']}",
+                      f"{st['sram_max_bytes']:,} B", f"{st['max_ctx']:,}",
+                      f"{st['estimated_s'] * 1e6:,.1f} us")
+    console.print(table)
+    rest = {k: v for k, v in summary.items() if k != "stages"}
+    _print_pairs(Table("", "", title="the step (estimated: compiler.estimate)"), rest)
+
+
+def multiwafer_note(summary: dict) -> str:
+    """One line on a model pipelined over several wafers (wafersim.multiwafer)."""
+    layers = " | ".join(st["layers"] for st in summary["stages"])
+    return (f"wafers: {summary['wafers']} stages, layers {layers}; h crosses between wafers "
+            f"in {summary['crossing_s'] * 1e6:.3g} us ({summary['io_latency_s'] * 1e6:.3g} us "
+            f"assumed latency + {summary['offchip_bytes'] // max(summary['wafers'] - 1, 1):,} B "
+            f"over {summary['io_bytes_per_s'] / 1e9:.0f} GB/s); pipeline bubble "
+            f"{summary['bubble_fraction']:.0%} with one step in flight")
 
 
 def _print_pairs(table: Table, summary: dict) -> None:
@@ -243,15 +329,21 @@ def simulate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Simulate a compiled layout: throughput, latency, utilisation, traffic."""
-    from compiler.layout import load_layout
+    from compiler.layout import load_code
+    from compiler.stamp import Stamped
     from compiler.targets import MeshTarget
     from wafersim.whole import simulate_layout
 
-    program, info = load_layout(layout, timing_only=True)
+    code, info = load_code(layout)
     if "target" not in info:
         raise ValueError(f"{layout}: not a whole-model layout (no target recorded)")
     tgt = MeshTarget.from_dict(info["target"])
-    summary = simulate_layout(program, tgt, info, layers)
+    stamped = isinstance(code, Stamped)
+    if (trace or report) and stamped and code.sampled:
+        raise ValueError(f"{layout}: a prefill with sampled steps has no single program to "
+                         "trace or map (--trace, --report)")
+    summary = simulate_layout(code, tgt, info, layers)
+    program = code.expand(True) if stamped and (trace or report) else code
     if trace:
         from wafersim.trace import write_trace
 
@@ -320,7 +412,9 @@ def plot(
 @user_errors
 def compare(
     model: str = typer.Argument(..., help="Zoo model name or a config.json path."),
-    wafer: str = typer.Option("wse2", "--wafer", help="Preset name or target TOML/JSON file."),
+    wafer: str = typer.Option("wse2", "--wafer",
+                              help="Preset name or target TOML/JSON file; COUNTxTARGET (e.g. "
+                                   "5xwse2) pipelines the layers over several wafers."),
     gpus: str = typer.Option("8xA100", "--gpus",
                              help="GPU cluster, e.g. 8xA100, 4xA100+4xH20, "
                                   "2x(8xH100)@dc1+1x(8x910B)@dc2;dc1-dc2=1000km."),
@@ -336,18 +430,28 @@ def compare(
                                                             "(fastest estimated), pipeline or "
                                                             "largest."),
     region: str = typer.Option("", "--region", help="Force every wafer region to ROWSxCOLS."),
+    act_density: str = typer.Option("", "--act-density", help=ACT_DENSITY_HELP),
+    act_seed: int = typer.Option(0, "--act-seed", help="Seed of the active neurons' draw."),
+    fff_depth: int = typer.Option(-1, "--fff-depth", help=FFF_DEPTH_HELP),
+    quant: str = typer.Option("", "--quant", help=QUANT_HELP),
+    kv_dtype: str = typer.Option("", "--kv-dtype", help=KV_DTYPE_HELP),
+    quant_group: int = typer.Option(128, "--quant-group", help=QUANT_GROUP_HELP),
+    prune: str = typer.Option("", "--prune", help=PRUNE_HELP),
     csv_path: str = typer.Option("", "--csv", help="Also write the table rows to this CSV."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """One step on the wafer and on a GPU cluster side by side: throughput, latency, traffic."""
     from compiler.model import CompileOptions
+    from compiler.multiwafer import is_cluster, load_cluster
     from models import load_model
     from wafersim import compare as cmp
 
-    tgt = load_target(wafer)
-    cfg = load_model(model)
+    tgt = load_cluster(wafer) if is_cluster(wafer) else load_target(wafer)
+    cfg = with_fff(load_model(model), fff_depth)
     options = CompileOptions(policy=policy,
-                             region=parse_mesh(region, "--region") if region else None)
+                             region=parse_mesh(region, "--region") if region else None,
+                             act_density=act_density or None, act_seed=act_seed,
+                             **quant_options(quant, kv_dtype, quant_group, prune))
     status = Console(stderr=True).status
     result = cmp.compare(cfg, tgt, gpus, phase=phase, batch=batch, ctx=ctx, layers=layers,
                          options=options, status=status)
@@ -369,9 +473,17 @@ def compare(
         notes.append(f"wafer: layers {w['layers_simulated']}"
                      + (" (extrapolated)" if w["extrapolated"] else "")
                      + f", {w['events']:,} events in {w['sim_wall_s']:.3g} s")
+    if w["fits"] and "stages" in w:
+        notes.append(multiwafer_note(w))
     if "energy_j" not in w and g.get("energy_j") is not None:
         notes.append("energy: GPU board power x makespan; the wafer target has no power figure")
     console.print(table)
+    if "dense" in result:
+        more = Table("dense -> with it", "wafer", "GPUs",
+                     title=", ".join(result["techniques"]) + ": each side against its dense step")
+        for row in cmp.technique_rows(result):
+            more.add_row(*row)
+        console.print(more)
     for note in notes:
         console.print(note, highlight=False, soft_wrap=True)
     if csv_path:
@@ -631,6 +743,9 @@ def layer(
     attention: str = typer.Option("model", "--attention",
                                   help="paper: one full-width head, shapes rounded up to P "
                                        "(WaferLLM); model: the real GQA shapes."),
+    kv: str = typer.Option("shift", "--kv",
+                           help="KV cache whose decode capacity is reported as max_decode: "
+                                "shift (WaferLLM) or concat (appended on the tail core)."),
     output: str = typer.Option("", "-o", "--output", help="Plot tokens/s against P (PNG)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -642,7 +757,7 @@ def layer(
     grids = parse_grids(grid)
     tgt = load_target(target)
     cfg = load_model(model)
-    rows = [layer_run(cfg, tgt, p, phase, ctx, attention) for p in grids]
+    rows = [layer_run(cfg, tgt, p, phase, ctx, attention, kv=kv) for p in grids]
     if output:
         plot_sweep(rows, output)
     if as_json:
@@ -656,7 +771,7 @@ def layer(
                                          "attention)"), r)
     else:
         table = Table("P", "layer cycles", "estimate", "1-layer step", "layer SRAM/core",
-                      "busy", "tokens/s", "vocab",
+                      "busy", "tokens/s", f"max decode ({kv} KV)", "vocab",
                       title=f"{cfg.name} {phase}, {attention} attention, on {tgt.name}: "
                             f"one layer x {cfg.num_hidden_layers} (extrapolated)")
         for r in rows:
@@ -665,6 +780,7 @@ def layer(
                           "-" if est is None else f"{est:,.0f}",
                           f"{r['one_layer_step_cycles']:,}", f"{r['layer_sram_max_bytes']:,} B",
                           f"{r['busy_fraction']:.1%}", f"{r['tokens_per_s']:,.0f}",
+                          "-" if r["max_decode"] is None else f"{r['max_decode']:,}",
                           "shrunk to P" if r["vocab_shrunk"] else "real")
         console.print(table)
     console.print(f"extrapolated: true (tokens/s = tokens / (layers x layer s); "

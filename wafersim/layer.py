@@ -17,6 +17,12 @@ the same with the whole-model compiler and the simulator:
   (n_heads = n_kv_heads = 1, head_dim = hidden), hidden, ffn and ctx rounded up to multiples
   of P. `attention="model"`: the model's real (GQA) shapes.
 
+KV capacity (decode; compiler.kvcache): the cache slots one layer's busiest core can hold on
+the P x P grid (the layer body's SRAM as compiled, the tables outside it), and from them the
+longest decode after the ctx-token prompt with the shift-based cache and with a concatenation
+cache (`kv` picks the one printed as `max_decode`; JSON has both). The simulated step is the
+shift-based layout's either way: `kv` changes the capacity, not the timing.
+
 Extrapolation (labelled `extrapolated: True`):
     step_s        = L * layer_s                      (WaferLLM: one layer x layer count)
     tokens_per_s  = tokens / step_s                  (tokens: batch, or the prompt length)
@@ -33,8 +39,9 @@ import time
 
 import numpy as np
 
+from compiler import kvcache
 from compiler.estimate import layer_cycles
-from compiler.model import CompileOptions, _counts, compile_model
+from compiler.model import CompileOptions, _counts, compile_model, slot_bytes
 from compiler.program import ProgramError
 from compiler.targets import MeshTarget
 from models import build_graph
@@ -78,10 +85,13 @@ def _tables_fit(cfg: ModelConfig, target: MeshTarget, p: int, phase: str, ctx: i
 
 
 def layer_run(cfg: ModelConfig, target: MeshTarget, p: int, phase: str = "decode",
-              ctx: int = 4096, attention: str = "model", batch: int = 1) -> dict:
+              ctx: int = 4096, attention: str = "model", batch: int = 1,
+              kv: str = "shift") -> dict:
     """Compile and simulate one layer of `cfg` on a P x P grid of `target`'s cores."""
     if phase not in PHASES:
         raise ValueError(f"--phase {phase!r} is not one of {', '.join(PHASES)}")
+    if kv not in kvcache.KV_KINDS:
+        raise ValueError(f"--kv {kv!r} is not one of {', '.join(kvcache.KV_KINDS)}")
     if attention not in ATTENTION:
         raise ValueError(f"--attention {attention!r} is not one of {', '.join(ATTENTION)}")
     if p < 1 or p > target.width or p > target.height:
@@ -164,7 +174,12 @@ def layer_run(cfg: ModelConfig, target: MeshTarget, p: int, phase: str = "decode
         fits=bool(sram1.max() <= target.sram_bytes),
         compile_wall_s=compile_s, sim_wall_s=sim_s, events=int(one.events + two.events),
     )
+    out.update(kv=kv, max_decode=None)
     if phase == "decode":
+        free = target.sram_bytes - int(code.body.sram_per_core().max())  # decode is stamped
+        per_core = compiled.slots + free // slot_bytes(lcfg, p, 1, batch)
+        out.update(kvcache.report(p, per_core, ctx))
+        out["max_decode"] = out[f"max_decode_{kv}"]
         try:
             slots = math.ceil((ctx + 1) / p)
             out["estimate_layer_cycles"] = float(layer_cycles(lcfg, tgt, p, p, batch, slots))

@@ -58,8 +58,7 @@ from pathlib import Path
 import tomllib
 
 from compiler.algorithms.meshgemm import GEMM_ALGOS
-from compiler.algorithms.meshgemv import GEMV_ALGOS
-from compiler.model import POLICIES, CompileOptions
+from compiler.model import MODEL_GEMV_ALGOS, POLICIES, CompileOptions
 from compiler.program import ProgramError
 from compiler.targets import DTYPE_BYTES, MeshTarget, TargetError, load_target
 from models import ConfigError, ModelConfig, load_model
@@ -198,7 +197,7 @@ def check_value(name: str, value, where: str, root: Path = Path(".")):
     if name == "policy":
         return _choice(value, POLICIES, where)
     if name == "algo":
-        return _choice(value, GEMV_ALGOS + GEMM_ALGOS, where)
+        return _choice(value, MODEL_GEMV_ALGOS + GEMM_ALGOS, where)
     if name in ("batch", "ctx", "levels", "capacity", "width", "height"):
         return _int(value, where, 1)
     if name in ("mesh", "region"):

@@ -10,8 +10,12 @@ message size of each line (lines may differ by an element when a dimension split
   on; the last level gathers all remaining leaders into one root. Hops per message and routes
   per core stay bounded by about g, instead of growing with n. (FACTS.md: K = 2 gives the two
   phases `root_1st_phase`, `root_2nd_phase` of WaferLLM's runs.)
-- `chain_reduce`: the pipeline (ring) reduction, the Cerebras default: partial sums flow from
-  one end of the line to the other, each core adding its own; latency grows linearly with n.
+- `chain_reduce`: the ring reduction: whole partial sums flow from one end of the line to the
+  other, each core receiving the whole vector, adding its own and sending it on; latency grows
+  linearly with n, each step paying the whole vector's transfer.
+- `pipeline_reduce`: the pipeline all-reduce's reduction, the Cerebras default (WaferLLM's GEMV
+  baseline): the same chain, but the vector streams through it in chunks, so core i adds chunk
+  k while core i + 1 adds chunk k - 1; a step pays one chunk's transfer, not the vector's.
 - `line_broadcast`: the root multicasts the result along the line in both directions, each
   core taking it off the fabric as it passes (one colour per direction).
 """
@@ -22,7 +26,8 @@ import math
 
 import numpy as np
 
-from compiler.program import OP_ADD, ProgramBuilder
+from compiler.program import OP_ADD, OP_PUT, OP_TAKE, ProgramBuilder
+from compiler.targets import DTYPE_BYTES, MeshTarget
 
 
 def _per_msg(nbytes, shape) -> np.ndarray:
@@ -88,6 +93,63 @@ def chain_reduce(bld: ProgramBuilder, lines, acc, tmp, step: int, colour: int,
                 b=tmp[:, 1:].ravel())
     bld.send(src.ravel(), step + 3, msgs, acc[:, :-1].ravel())
     return n - 1, step + 4
+
+
+def pipeline_chunks(n: int, nbytes: int, target: MeshTarget, most: int = 8) -> int:
+    """Chunks of an `nbytes` vector for `pipeline_reduce` on a line of n cores.
+
+    The chain takes about (n - 2 + c) stages of (o + v / c) cycles, o being a chunk's fixed
+    cost on a core (send, receive, add and take overheads, one hop) and v the vector's link
+    cycles; c = sqrt((n - 2) v / o) minimises it. At most `most` chunks: the optimum is flat
+    (WaferLLM's 16K GEMV at P = 360: 7,543 cycles in 8 chunks, 7,084 in the formula's 22) and
+    every chunk adds n - 1 messages per line.
+    """
+    o = (target.send_overhead_cycles + target.recv_overhead_cycles
+         + 2 * target.compute_overhead_cycles + target.hop_latency_cycles)
+    v = nbytes / target.link_bytes_per_cycle
+    return int(min(most, max(1, round(math.sqrt(max(n - 2, 0) * v / max(o, 1))))))
+
+
+def pipeline_reduce(bld: ProgramBuilder, lines, acc, step: int, colour: int, length,
+                    chunks: int) -> tuple[int, int]:
+    """Streamed chain reduction from position 0 to n - 1. Returns (root position, next step).
+
+    `length`: elements of each line's `acc` (per line). Each core takes chunk k of its partial
+    sum out of `acc` (flat elements), receives chunk k of the running sum, adds and sends it
+    on, then takes chunk k + 1 while chunk k moves downstream; the root puts every summed
+    chunk back into its `acc`.
+    """
+    nl, n = lines.shape
+    if n == 1:
+        return 0, step
+    length = np.broadcast_to(np.asarray(length, dtype=np.int64), nl)
+    c = int(min(chunks, length.min()))
+    base, extra = np.divmod(length, c)
+    size = base[:, None] + (np.arange(c)[None, :] < extra[:, None])  # [lines, chunks]
+    start = np.cumsum(size, axis=1) - size
+    shape = (nl, n, c)
+    cores = np.broadcast_to(lines[:, :, None], shape)
+    sizes = np.broadcast_to(size[:, None, :], shape)
+    part = bld.buffers(cores.ravel(), 1, sizes.ravel()).reshape(shape)
+    recv = bld.buffers(cores[:, 1:].ravel(), 1, sizes[:, 1:].ravel()).reshape(nl, n - 1, c)
+    nbytes = np.ceil(size * DTYPE_BYTES[bld.dtype]).astype(np.int64)
+    msgs = bld.messages(cores[:, :-1].ravel(), cores[:, 1:].ravel(),
+                        np.broadcast_to(nbytes[:, None, :], (nl, n - 1, c)).ravel(),
+                        colour).reshape(nl, n - 1, c)
+    k_step = step + 4 * np.arange(c)[None, None, :]  # chunk k: take, recv, add, send / put
+    accs = np.broadcast_to(acc[:, :, None], shape)
+    starts = np.broadcast_to(start[:, None, :], shape)
+    bld.compute(cores.ravel(), np.broadcast_to(k_step, shape).ravel(), OP_TAKE, c=part.ravel(),
+                a=accs.ravel(), imm=(starts.ravel(), 0.0))
+    down = np.broadcast_to(k_step, (nl, n - 1, c)).ravel()
+    bld.recv(cores[:, 1:].ravel(), down + 1, msgs.ravel(), recv.ravel())
+    bld.compute(cores[:, 1:].ravel(), down + 2, OP_ADD, c=part[:, 1:].ravel(),
+                a=part[:, 1:].ravel(), b=recv.ravel())
+    bld.send(cores[:, :-1].ravel(), down + 3, msgs.ravel(), part[:, :-1].ravel())
+    bld.compute(cores[:, -1].ravel(), np.broadcast_to(k_step[:, 0], (nl, c)).ravel() + 3,
+                OP_PUT, c=accs[:, -1].ravel(), a=part[:, -1].ravel(),
+                imm=(starts[:, -1].ravel(), 0.0))
+    return n - 1, step + 4 * c
 
 
 def line_broadcast(bld: ProgramBuilder, lines, root: int, src_buf, dst_buf, step: int,

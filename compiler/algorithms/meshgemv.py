@@ -3,16 +3,26 @@
 Placement (WaferLLM's MeshGEMV): W is cut into a 2D grid of tiles, K over the region's rows and
 N over its columns, so core (row i, column j) holds W[K_i, N_j] and x[:, K_i]. Each core
 multiplies its tile; the partial sums of column j are then reduced along the column, by the
-K-tree (`meshgemv`) or by the pipeline chain (`ring`, the Cerebras default), and, for an
-all-reduce, multicast back so every core of column j holds y[:, N_j] for the next op.
+K-tree (`meshgemv`), by a chain passing whole partial sums (`ring`) or by the same chain
+streaming them in chunks (`pipeline`, the Cerebras default pipeline all-reduce that WaferLLM
+compares with), and, for an all-reduce, multicast back so every core of column j holds
+y[:, N_j] for the next op.
 Dimensions that do not divide evenly give tiles that differ by one row or column.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from compiler.algorithms.allreduce import chain_reduce, ktree_reduce, line_broadcast
+from compiler.algorithms.allreduce import (
+    chain_reduce,
+    ktree_reduce,
+    line_broadcast,
+    pipeline_chunks,
+    pipeline_reduce,
+)
 from compiler.algorithms.common import Region, check_dims, finish, split
 from compiler.program import (
     INPUT,
@@ -25,15 +35,15 @@ from compiler.program import (
     ProgramBuilder,
     ProgramError,
 )
-from compiler.targets import DTYPE_BYTES, MeshTarget
+from compiler.targets import DTYPE_BYTES, WSE2, MeshTarget
 
-GEMV_ALGOS = ("meshgemv", "ring")
+GEMV_ALGOS = ("meshgemv", "ring", "pipeline")
 
 
 def gemv(bld: ProgramBuilder, region: Region, b: int, k: int, n: int, algo: str = "meshgemv",
          *, k_axis: str = "rows", x=None, names=("x", "W", "y"), levels: int = 2,
          allreduce: bool = True, step: int = 0, k_split=None, n_split=None,
-         lookup: bool = False):
+         lookup: bool = False, chunks: int = 1):
     """Add a GEMV on `region` to `bld`. Returns (y buffers, next free step).
 
     `k_axis="rows"`: K is split over the region's rows and N over its columns; the partial sums
@@ -51,6 +61,7 @@ def gemv(bld: ProgramBuilder, region: Region, b: int, k: int, n: int, algo: str 
     another op's layout (attention's heads); by default near-equal chunks. `lookup`: x holds
     token ids [b, 1] and W is an embedding table [vocab, N]: each core looks its rows up
     instead of multiplying, and the reduction gathers the one non-zero partial row.
+    `chunks`: pieces the `pipeline` reduction streams each partial sum in.
     """
     check_dims(b=b, k=k, n=n, levels=levels)
     if algo not in GEMV_ALGOS:
@@ -81,7 +92,8 @@ def gemv(bld: ProgramBuilder, region: Region, b: int, k: int, n: int, algo: str 
     else:
         x = x[:rows, :cols]
     acc = bld.buffers(cores.ravel(), b, ns[nj].ravel(), SCRATCH).reshape(rows, cols)
-    tmp = bld.buffers(cores.ravel(), b, ns[nj].ravel(), SCRATCH).reshape(rows, cols)
+    if algo != "pipeline":  # its chunks have their own buffers
+        tmp = bld.buffers(cores.ravel(), b, ns[nj].ravel(), SCRATCH).reshape(rows, cols)
     if lookup:
         bld.compute(cores.ravel(), step + 1, OP_LOOKUP, c=acc.ravel(), a=x.ravel(),
                     b=w.ravel(), imm=(k0[ki].ravel(), 0.0))
@@ -91,13 +103,16 @@ def gemv(bld: ProgramBuilder, region: Region, b: int, k: int, n: int, algo: str 
                     b=w.ravel())
 
     # Reduce along axis 0: line j is column j of this frame, position i is row i.
-    lines, acc_l, tmp_l = cores.T, acc.T, tmp.T
+    lines, acc_l = cores.T, acc.T
     nbytes = np.ceil(b * ns * DTYPE_BYTES[bld.dtype]).astype(np.int64)
     if algo == "meshgemv":
-        root, step = ktree_reduce(bld, lines, acc_l, tmp_l, step + 2, levels, 0, nbytes)
+        root, step = ktree_reduce(bld, lines, acc_l, tmp.T, step + 2, levels, 0, nbytes)
         colour = levels
+    elif algo == "ring":
+        root, step = chain_reduce(bld, lines, acc_l, tmp.T, step + 2, 0, nbytes)
+        colour = 1
     else:
-        root, step = chain_reduce(bld, lines, acc_l, tmp_l, step + 2, 0, nbytes)
+        root, step = pipeline_reduce(bld, lines, acc_l, step + 2, 0, b * ns, chunks)
         colour = 1
     # The root's accumulator is its copy of y[:, N_j]; an all-reduce multicasts it down the line.
     out = np.full(cores.shape, -1, dtype=np.int64)
@@ -112,7 +127,8 @@ def gemv(bld: ProgramBuilder, region: Region, b: int, k: int, n: int, algo: str 
         out[others, :] = copies.T
         step = line_broadcast(bld, lines, root, acc_l[:, root], out.T, step, colour, nbytes)
     bld.meta.update(op="gemv", algo=algo, b=b, k=k, n=n, rows=rows, cols=cols,
-                    levels=levels if algo == "meshgemv" else None, allreduce=allreduce)
+                    levels=levels if algo == "meshgemv" else None, allreduce=allreduce,
+                    chunks=chunks if algo == "pipeline" else None)
     full = np.full(grid.shape, -1, dtype=np.int64)
     full[:rows, :cols] = out
     return (full.T if flip else full), step
@@ -122,13 +138,17 @@ def lower_gemv(b: int, k: int, n: int, rows: int, cols: int, algo: str = "meshge
                k_axis: str = "rows", levels: int = 2, allreduce: bool = True, dtype: str = "bf16",
                target: MeshTarget | None = None) -> MeshProgram:
     """A program computing y = x @ W on a rows x cols mesh, checked against `target`.
+    `pipeline` streams in the chunks `pipeline_chunks` picks for `target` (default WSE2).
 
     >>> prog = lower_gemv(1, 64, 48, 4, 4)
     >>> prog.n_messages > 0
     True
     """
-    check_dims(rows=rows, cols=cols)
+    check_dims(b=b, k=k, n=n, rows=rows, cols=cols)
     bld = ProgramBuilder(cols, rows, dtype)
+    line, across = (rows, cols) if k_axis == "rows" else (cols, rows)
+    tile_bytes = math.ceil(b * math.ceil(n / min(across, n)) * DTYPE_BYTES[dtype])
+    chunks = pipeline_chunks(min(line, k), tile_bytes, target or WSE2)
     gemv(bld, Region(rows, cols), b, k, n, algo, k_axis=k_axis, levels=levels,
-         allreduce=allreduce)
+         allreduce=allreduce, chunks=chunks)
     return finish(bld.build(), target, f"gemv [{b},{k}]x[{k},{n}] on {cols}x{rows} cores")

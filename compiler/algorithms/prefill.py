@@ -16,6 +16,13 @@ The layout is chosen so that nothing is reshuffled between ops:
   score partials of a head split over several columns are all-reduced within those columns.
 Outputs `{prefix}.k_cache` [seq, KV*hd] (k after RoPE, pair order within each head;
 `unpack_k_cache` gives model order) and `{prefix}.v_cache` [seq, KV*hd] (model order).
+
+Sampled steps (`steps`, for timing only): each GEMM and the attention run s steps of the same
+shape (shift, multiply; forward a K/V block, fold it in), so a layer's program grows as s^3 and
+a full wafer's (s = 248: about 350 M messages a layer) cannot be held in memory. With `steps`
+= T < s every such loop runs its first T steps, the last one ending the loop as step s - 1
+would; the layer's time is then affine in T, and wafersim.whole simulates two values of T and
+extrapolates to s. Such a program computes nothing useful: it is for the simulator alone.
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ class PrefillPlan:
     lay: HeadLayout  # heads over logical grid columns (`lay.group` counts physical columns)
     phys_lay: HeadLayout  # heads over physical columns, so a head's columns are adjacent
     algo: str
+    steps: int  # steps each GEMM / attention loop runs: s, or fewer when sampled (see above)
 
     @property
     def g(self) -> int:
@@ -89,8 +97,10 @@ class PrefillPlan:
 
 
 def prefill_plan(region: Region, width: int, seq: int, d: int, heads: int, kv_heads: int,
-                 hd: int, f: int, algo: str = "meshgemm") -> PrefillPlan:
-    """The layout of a prefill layer on `region` of a mesh `width` cores wide."""
+                 hd: int, f: int, algo: str = "meshgemm", steps: int | None = None
+                 ) -> PrefillPlan:
+    """The layout of a prefill layer on `region` of a mesh `width` cores wide; `steps`: run
+    only that many steps of each loop (timing only, module docstring)."""
     check_dims(seq=seq, d=d, heads=heads, kv_heads=kv_heads, hd=hd, f=f)
     if algo not in GEMM_ALGOS:
         raise ProgramError(f"prefill gemm algorithm {algo!r} is not one of "
@@ -107,8 +117,10 @@ def prefill_plan(region: Region, width: int, seq: int, d: int, heads: int, kv_he
     lay = HeadLayout(phys.h0[pos], phys.nh[pos], phys.e0[pos], phys.ne[pos], phys.group[pos],
                      phys.group_rows[pos], phys.heads, phys.g, phys.hd)
     core = (region.y0 + pos[:, None]) * width + region.x0 + pos[None, :]
+    if steps is not None and not 1 <= steps <= s:
+        raise ProgramError(f"prefill: {steps} sampled steps on a {s}x{s} grid (1..{s})")
     return PrefillPlan(seq, d, heads, kv_heads, hd, f, s, math.ceil(seq / s), math.ceil(d / s),
-                       math.ceil(f / s), core, pos, lay, phys, algo)
+                       math.ceil(f / s), core, pos, lay, phys, algo, s if steps is None else steps)
 
 
 # ---- host-side helpers: weights, constants, caches -------------------------------------------
@@ -175,7 +187,7 @@ def prefill_layer(bld: ProgramBuilder, region: Region, h, seq: int, d: int, head
                   eps: float = 1e-5, gated: bool = True, act: str = "silu",
                   qkv_bias: bool = False, algo: str = "meshgemm", step: int = 0,
                   mask: str = "causal_mask", norm: str = "rmsnorm", bias: bool = False,
-                  post_norm: bool = False):
+                  post_norm: bool = False, steps: int | None = None):
     """h + Attention(Norm(h)), then + MLP(Norm(.)), for `seq` tokens at positions 0..
 
     `h`: [s, s] buffer ids in the layout of `prefill_plan(region, bld.width, ...)` (see
@@ -185,10 +197,11 @@ def prefill_layer(bld: ProgramBuilder, region: Region, h, seq: int, d: int, head
     `norm`: "rmsnorm" or "layernorm" (its biases `.attn_norm_bias`, `.mlp_norm_bias`); `bias`:
     the o and MLP projections have biases (`.o_bias`, `.up_bias`, ...), as GPT-2's do;
     `post_norm`: BERT's order, Norm(h + Attention(h)) then Norm(. + MLP(.)), and attention
-    over every token (an encoder's; `mask` then holds zeros).
+    over every token (an encoder's; `mask` then holds zeros). `steps`: sampled steps (timing
+    only, module docstring).
     Returns (output buffer ids, next step).
     """
-    plan = prefill_plan(region, bld.width, seq, d, heads, kv_heads, hd, f, algo)
+    plan = prefill_plan(region, bld.width, seq, d, heads, kv_heads, hd, f, algo, steps)
     h, step = prefill_attention_block(bld, plan, h, prefix, rope=rope, mask=mask, eps=eps,
                                       qkv_bias=qkv_bias, step=step, norm=norm, o_bias=bias,
                                       post_norm=post_norm)
@@ -490,10 +503,10 @@ def _cannon(bld, p, a_parts, n_parts, out, step):
         cur_a.append(np.where(move, dest, np.where(here, bufs[i, k0], -1)))
     step += 2
     left, up = p.core[i, (j - 1) % s], p.core[(i - 1) % s, j]
-    for t in range(s):
+    for t in range(p.steps):
         base = step + 3 * t
         kt, kn = (i + j + t) % s, (i + j + t + 1) % s
-        if t < s - 1:
+        if t < p.steps - 1:
             nxt_a, nxt_b = [], []
             for pa, ((_, wa, _), pool) in enumerate(zip(a_parts, pool_a)):
                 nxt_a.append(_shift(bld, p, cur_a[pa], left, (i, (j + 1) % s),
@@ -507,9 +520,9 @@ def _cannon(bld, p, a_parts, n_parts, out, step):
                 on = (cur_a[pa] >= 0) & (cur_b[pa][q] >= 0)
                 bld.compute(p.core[on], base + 1, OP_MATMUL_ACC, c=out[q][on], a=cur_a[pa][on],
                             b=cur_b[pa][q][on])
-        if t < s - 1:
+        if t < p.steps - 1:
             cur_a, cur_b = nxt_a, nxt_b
-    return step + 3 * s
+    return step + 3 * p.steps
 
 
 def _slot(pool, widths, k, parity, on=True):
@@ -541,7 +554,7 @@ def _shift(bld, p, cur, dst_core, from_, nxt, elems, colour, step):
 
 def _summa(bld, p, a_parts, n_parts, out, pool_a, pool_b, step):
     s = p.s
-    for k in range(s):
+    for k in range(p.steps):
         base = step + 3 * k
         for pa, ((bufs, wa, r0), pool) in enumerate(zip(a_parts, pool_a)):
             if wa[k] == 0:
@@ -562,7 +575,7 @@ def _summa(bld, p, a_parts, n_parts, out, pool_a, pool_b, step):
                 on = np.zeros((s, s), bool)
                 on[:, cols] = True
                 bld.compute(p.core[on], base + 2, OP_MATMUL_ACC, c=out[q][on], a=a[on], b=b[on])
-    return step + 3 * s
+    return step + 3 * p.steps
 
 
 def _attention(bld, p: PrefillPlan, q, k, v, mask, step, causal: bool = True):
@@ -590,7 +603,7 @@ def _attention(bld, p: PrefillPlan, q, k, v, mask, step, causal: bool = True):
           for hq in q}
     south = p.core[(i + 1) % s, j]
     kcur, vcur = list(k), list(v)
-    for t in range(s):
+    for t in range(p.steps):
         live = i >= t if causal else np.ones_like(i, dtype=bool)
         send = live & (i < s - 1) if causal else live & (t < s - 1)
         nxt_k, nxt_v = [], []

@@ -12,14 +12,17 @@ attention), o_proj and down_proj split their input rows and end in an all-reduce
 output; attention, RoPE and softmax split by heads (KV heads by ceil(kv_heads / tp), so KV heads
 are replicated when tp > kv_heads); the MLP's activation and gate multiply split by columns;
 the LM head splits the vocabulary and samples locally, then all-gathers (value, index) pairs;
-norms, residual adds and embedding lookups are replicated on every GPU of the group.
+norms, residual adds and embedding lookups are replicated on every GPU of the group, and so
+is a fast feed-forward tree (fff_in, fff_out: each GPU descends the whole, small tree, so no
+all-reduce follows it).
 
 Time of one kernel: max(FLOPs / (peak x flops frac), bytes / (HBM bw x bw frac)) plus the
 per-kernel gap inside a CUDA graph, plus the matmul fixed cost for cuBLAS calls and fused
 attention (kernel_time_s). On a GPU whose spec carries fitted kernel models (kernels.py:
 matmul efficiency per shape, decode attention, softmax, flash attention, elementwise kernels)
-work_kernel_time_s charges those instead. Without CUDA graphs a kernel takes at least the
-host's launch time.
+work_kernel_time_s charges those instead, except for a down projection on sparse activations
+(models.graph.with_activation_sparsity: a gather of active weight rows, not a cuBLAS shape),
+which keeps the roofline. Without CUDA graphs a kernel takes at least the host's launch time.
 """
 
 from __future__ import annotations
@@ -66,6 +69,13 @@ class Work:
     k: int = 0
     n: int = 0
     count: int = 1
+    # An MLP down projection on packed sparse activations (TwELL): a gather of the active
+    # weight rows, not a cuBLAS shape, so no fitted matmul efficiency applies to it.
+    sparse: bool = False
+    # Weights stored in another dtype than `dtype` (compiler.quant; baseline.quant), and
+    # weights pruned 2:4 for sparse tensor cores (`flops` then counts the kept half).
+    wdtype: str = ""
+    prune24: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,9 +108,12 @@ def _split_of(op) -> str:
     return "replicated"
 
 
-def _work(op, cfg) -> Work:
+def _work(op, cfg, attrs=None) -> Work:
     short = _short(op.name)
-    weight_store = op.weight_bytes
+    attrs = attrs or {}  # the op's node attributes in its graph
+    # What stays resident where the op reads less (sparse activations, a fast feed-forward
+    # tree's path: models.graph), else the weights it reads.
+    weight_store = attrs.get("weight_store_bytes", op.weight_bytes)
     if op.kind == "embedding":
         weight_store = op.k * op.n * cfg.dtype_bytes  # the whole table stays resident
     return Work(
@@ -113,7 +126,7 @@ def _work(op, cfg) -> Work:
         if op.kind in ("attn_score", "attn_value") else 0.0,
         weight_store_bytes=float(weight_store),
         weight_id=op.weight,
-        m=op.m, k=op.k, n=op.n, count=op.count,
+        m=op.m, k=op.k, n=op.n, count=op.count, sparse="act_density" in attrs,
     )
 
 
@@ -141,8 +154,9 @@ def plan(graph: nx.DiGraph, flash_prefill: bool = True) -> Plan:
     fuse = flash_prefill and graph.graph["phase"] == "prefill"
     by_name = {op.name: op for op in ops}
     for op in ops:
+        attrs = graph.nodes[op.name]
         if op.layer < 0:
-            (post if seen_layer else pre).append(_work(op, cfg))
+            (post if seen_layer else pre).append(_work(op, cfg, attrs))
             continue
         seen_layer = True
         if fuse and op.kind in ("softmax", "attn_value"):
@@ -152,7 +166,7 @@ def plan(graph: nx.DiGraph, flash_prefill: bool = True) -> Plan:
             layers[i].append(_flash(op, by_name[f"L{i}.softmax"], by_name[f"L{i}.attn_value"],
                                     cfg, graph.graph["seq_len"]))
             continue
-        layers[op.layer].append(_work(op, cfg))
+        layers[op.layer].append(_work(op, cfg, attrs))
     rows = graph.graph["batch"] * graph.graph["seq_len"]
     return Plan(tuple(pre), tuple(tuple(x) for x in layers), tuple(post), rows,
                 float(rows * cfg.hidden_size * cfg.dtype_bytes), cfg.dtype_bytes)
@@ -209,7 +223,7 @@ def work_kernel_time_s(w: Work, flops: float, nbytes: float, gpu: GPUSpec, tp: i
         return base
     peak_bw, frac = gpu.hbm_bw_Bps, gpu.achievable_bw_frac
     t = None
-    if w.kind in ("gemv", "gemm", "lm_head"):
+    if w.kind in ("gemv", "gemm", "lm_head") and not w.sparse:
         f = 1.0 if w.split == "replicated" else shard_fractions(w, tp)[0]
         k, n = (round(w.k * f), w.n) if _short(w.name) in ROW_PARALLEL else (w.k, round(w.n * f))
         t = kernels.matmul_eta(km, w.m, k, n) * kernel_time_s(flops, nbytes, w.kind, w.dtype,
@@ -249,6 +263,18 @@ class Cost:
     link_sent_bytes: float
 
 
+def timed_flops(w: Work, flops: float, gpu: GPUSpec) -> float:
+    """`flops` in the compute dtype's time: weights stored in a dtype the GPU has a tensor-core
+    rate for run at that rate (activations quantised on the fly); other stored dtypes are
+    dequantised in registers and run at the compute dtype's rate. 2:4 weights need sparse
+    tensor cores (`flops` already counts the kept half)."""
+    if w.prune24 and not gpu.sparse_24:
+        raise ValueError(f"{gpu.name} has no 2:4 sparse tensor-core rate in its spec")
+    if w.wdtype and w.wdtype in gpu.peak_flops:
+        return flops * gpu.peak_flops[w.dtype] / gpu.peak_flops[w.wdtype]
+    return flops
+
+
 def collective_overhead_s(gpu: GPUSpec, cuda_graphs: bool) -> float:
     """A collective is one more kernel to launch (NCCL's)."""
     return gpu.graph_kernel_overhead_s if cuda_graphs else gpu.kernel_overhead_s
@@ -257,7 +283,7 @@ def collective_overhead_s(gpu: GPUSpec, cuda_graphs: bool) -> float:
 def work_cost(w: Work, gpu: GPUSpec, tp: int, link: LinkSpec, cuda_graphs: bool = True,
               algorithm: str = "auto") -> Cost:
     flops, nbytes = shard(w, tp)
-    kernel = work_kernel_time_s(w, flops, nbytes, gpu, tp, cuda_graphs)
+    kernel = work_kernel_time_s(w, timed_flops(w, flops, gpu), nbytes, gpu, tp, cuda_graphs)
     comm, sent = 0.0, 0.0
     if tp > 1 and w.allreduce_bytes:
         c = allreduce(w.allreduce_bytes, tp, link, algorithm)

@@ -31,10 +31,13 @@ class GPUSpec:
     charges every kernel the plain roofline.
     `intra_node_link` and `nic_link` name LinkSpecs in links.LINKS (scale-up and the per-GPU
     scale-out port). `max_per_node` is how many sit on one scale-up fabric.
+    `peak_flops` lists the dense tensor-core rates the datasheet gives (fp8, int8, int4 where
+    it has them: compiler.quant's weight dtypes run there); `sparse_24` says the datasheet gives
+    a 2:4 "with sparsity" rate (twice the dense one: half the multiplies at the same rate).
     """
 
     name: str
-    peak_flops: dict = field(hash=False)  # dtype ("bf16", "fp16", "fp32") -> FLOP/s
+    peak_flops: dict = field(hash=False)  # dtype ("bf16", "fp16", "fp32", "fp8", ...) -> FLOP/s
     hbm_bytes: float
     hbm_bw_Bps: float
     achievable_flops_frac: float
@@ -48,6 +51,7 @@ class GPUSpec:
     max_per_node: int = 8
     calibration: str = ""
     kernels: KernelModels | None = field(default=None, hash=False, compare=False)
+    sparse_24: bool = True
 
     def __post_init__(self) -> None:
         for f in ("hbm_bytes", "hbm_bw_Bps"):
@@ -90,25 +94,30 @@ _BORROWED = ("fractions, overheads and kernel models borrowed from the H100 cali
              "(not measured)")
 
 A100 = GPUSpec(
-    "A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, 80e9, 2.039e12,
+    "A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12, "int8": 624e12, "int4": 1248e12},
+    80e9, 2.039e12,
     power_w=400, intra_node_link="nvlink3", nic_link="ib-hdr", calibration=_BORROWED,
     **H100_CAL,
 )
 H100 = GPUSpec(
-    "H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}, 80e9, 3.35e12,
+    "H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "fp8": 1979e12, "int8": 1979e12},
+    80e9, 3.35e12,
     power_w=700, calibration="benchmarks/gpu/results/h100.jsonl", **H100_CAL,
 )
 H200 = GPUSpec(
-    "H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}, 141e9, 4.8e12,
+    "H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "fp8": 1979e12, "int8": 1979e12},
+    141e9, 4.8e12,
     power_w=700, calibration="benchmarks/gpu/results/h200.jsonl", **H200_CAL,
 )
 H20 = GPUSpec(
-    "H20", {"bf16": 148e12, "fp16": 148e12, "fp32": 44e12}, 96e9, 4.0e12,
+    "H20", {"bf16": 148e12, "fp16": 148e12, "fp32": 44e12, "fp8": 296e12, "int8": 296e12},
+    96e9, 4.0e12,
     power_w=400, calibration=_BORROWED, **H100_CAL,
 )
 ASCEND_910B = GPUSpec(
-    "910B", {"bf16": 320e12, "fp16": 320e12}, 64e9, 1.6e12,
+    "910B", {"bf16": 320e12, "fp16": 320e12, "int8": 640e12}, 64e9, 1.6e12,
     power_w=400, intra_node_link="hccs", nic_link="roce-200g", calibration=_BORROWED,
+    sparse_24=False,
     **H100_CAL,
 )
 

@@ -33,9 +33,11 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
+from compiler.quant import Scheme
 from wafersim.baseline import costs
 from wafersim.baseline.cluster import ClusterError, ClusterSpec, SplitError, solve_split
 from wafersim.baseline.collectives import allgather
+from wafersim.baseline.quant import quantize
 
 LINK_CLASSES = ("nvlink", "internode", "interdc")
 PS = 10**12  # picoseconds per second
@@ -152,13 +154,17 @@ class ClusterResult:
 
 def simulate_cluster(graph: nx.DiGraph, cluster: ClusterSpec, *, cuda_graphs: bool = True,
                      flash_prefill: bool = True, microbatches: int = 1,
-                     allreduce_algorithm: str = "auto") -> ClusterResult:
-    """Simulate one step of `graph` (models.build_graph) on `cluster` (parse_cluster)."""
+                     allreduce_algorithm: str = "auto", scheme: Scheme | None = None
+                     ) -> ClusterResult:
+    """Simulate one step of `graph` (models.build_graph) on `cluster` (parse_cluster), with
+    weights and KV caches stored as `scheme` says (compiler.quant; baseline.quant)."""
     g = graph.graph
     if microbatches < 1 or g["batch"] % microbatches:
         raise ClusterError(f"microbatches={microbatches} must be >= 1 and divide the batch "
                            f"({g['batch']})")
-    full = costs.plan(graph, flash_prefill)
+    head_dim = g["cfg"].head_dim
+    full = quantize(costs.plan(graph, flash_prefill), scheme, head_dim) if scheme else \
+        costs.plan(graph, flash_prefill)
     try:
         split, reason = solve_split(graph, cluster, cuda_graphs=cuda_graphs, plan=full), None
     except SplitError as e:
@@ -171,6 +177,7 @@ def simulate_cluster(graph: nx.DiGraph, cluster: ClusterSpec, *, cuda_graphs: bo
         small = models.build_graph(g["cfg"], g["phase"], g["batch"] // microbatches,
                                    g["seq_len"], g["ctx_len"])
         plan = costs.plan(small, flash_prefill)
+        plan = quantize(plan, scheme, head_dim) if scheme else plan
 
     nodes, p = cluster.nodes, len(cluster.nodes)
     stage_kernel, stage_comm, stage_bytes, stage_nvlink, stage_flops = [], [], [], [], []
