@@ -275,6 +275,15 @@ def storage_view(program: MeshProgram, s: Scheme) -> MeshProgram:
                                buf_cols=new_cols.astype(np.int32))
 
 
+def stored_layout(program: MeshProgram, info: dict) -> MeshProgram:
+    """A loaded layout's program viewed at its stored bytes (`storage_view`), by the compile
+    options the layout records, so its SRAM per core is what the compiler checked."""
+    o = info.get("options", {})
+    s = scheme(program.dtype, o.get("quant"), o.get("kv_dtype"), o.get("quant_group", 128),
+               o.get("prune"))
+    return storage_view(program, s)
+
+
 # ---- numbers: what the stored weights hold ---------------------------------------------------
 
 def fake_quant(x: np.ndarray, dtype: str, group: int, axis: int = 0) -> np.ndarray:

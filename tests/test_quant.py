@@ -266,3 +266,17 @@ def test_cli_compile_and_compare_take_the_options():
                               "--quant", "int3"])
     assert out.exit_code == 2 and out.output.strip().count("\n") == 0
     assert "--quant 'int3'" in out.output
+
+
+def test_a_loaded_layout_counts_sram_as_stored(tmp_path):
+    """The memory map of a quantised layout (wafersim plot --kind memory) shows the SRAM the
+    compiler checked, not the compute dtype's."""
+    from compiler.layout import load_layout, save_layout
+    from compiler.quant import stored_layout
+
+    c = _compile(CFG, CompileOptions(quant="int8", kv_dtype="int8"), ctx=64)
+    path = tmp_path / "q.wsl"
+    save_layout(c.code, path, **c.info())
+    program, info = load_layout(path)
+    assert int(stored_layout(program, info).sram_per_core().max()) == c.memory["sram_max_bytes"]
+    assert int(program.sram_per_core().max()) > c.memory["sram_max_bytes"]

@@ -381,6 +381,7 @@ def plot(
 
     import numpy as np
 
+    from compiler import quant
     from compiler.layout import load_layout
     from compiler.targets import MeshTarget
     from wafersim import viz
@@ -395,8 +396,8 @@ def plot(
     tgt = MeshTarget.from_dict(info["target"])
     if kind == "placement":
         fig = viz.placement_map(info, program.width, program.height)
-    elif kind == "memory":
-        fig = viz.memory_map(program, tgt)
+    elif kind == "memory":  # weights and caches at their stored bytes (compiler.quant)
+        fig = viz.memory_map(quant.stored_layout(program, info), tgt)
     elif kind == "time":
         fig = viz.timeline(program, tgt, max_cores=max(cores, 1))
     else:
