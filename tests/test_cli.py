@@ -94,3 +94,16 @@ def test_compile_refuses_a_model_that_does_not_fit():
     out = runner.invoke(app, ["compile", "llama3-70b", "--target", "wse2"])
     assert out.exit_code == 2
     assert "does not fit" in out.output and "KB per core" in out.output
+
+
+def test_long_runs_print_no_progress_when_not_on_a_terminal(tmp_path):
+    """Spinners and bars go to stderr on a terminal only: piped output stays clean."""
+    layout = tmp_path / "tiny.wsl"
+    for args in (["compile", "tiny-llama", "--target", "test16x16", "--ctx", "16", "-o",
+                  str(layout), "--json"],
+                 ["simulate", str(layout), "--json"],
+                 ["layer", "tiny-llama", "--target", "test16x16", "--grid", "8,12", "--ctx",
+                  "16", "--json"]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
+        assert res.stderr == "" and res.stdout.startswith("{")

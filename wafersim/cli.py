@@ -66,6 +66,12 @@ def parse_mesh(text: str, option: str = "--mesh") -> tuple[int, int]:
     return rows, cols
 
 
+def working(message: str):
+    """A spinner with the elapsed time on stderr while one long call runs; nothing when stderr
+    is not a terminal (rich draws live displays on terminals only)."""
+    return Console(stderr=True).status(message)
+
+
 def emit(obj: dict) -> None:
     print(json.dumps(obj, default=float))
 
@@ -235,7 +241,8 @@ def compile_cmd(
                              act_density=act_density or None, act_seed=act_seed,
                              **quant_options(quant, kv_dtype, quant_group, prune))
     if isinstance(tgt, WaferCluster):
-        mw = compile_multiwafer(graph, tgt, options)
+        with working(f"compiling {cfg.name} over {tgt.name}"):
+            mw = compile_multiwafer(graph, tgt, options)
         summary = {**multiwafer.report(mw), "compile_wall_s": time.perf_counter() - t0,
                    "layouts": multiwafer.save_stages(mw, output) if output else None}
         if as_json:
@@ -243,7 +250,8 @@ def compile_cmd(
             return
         _print_stages(summary, f"{cfg.name} decode over {tgt.name} ({policy})")
         return
-    compiled = compile_model(graph, tgt, options)
+    with working(f"compiling {cfg.name} {phase} for {tgt.name}"):
+        compiled = compile_model(graph, tgt, options)
     wall = time.perf_counter() - t0
     if output:
         save_layout(compiled.code, output, **compiled.info())
@@ -342,7 +350,8 @@ def simulate_cmd(
     if (trace or report) and stamped and code.sampled:
         raise ValueError(f"{layout}: a prefill with sampled steps has no single program to "
                          "trace or map (--trace, --report)")
-    summary = simulate_layout(code, tgt, info, layers)
+    with working(f"simulating {layout} ({layers} layers)"):
+        summary = simulate_layout(code, tgt, info, layers)
     program = code.expand(True) if stamped and (trace or report) else code
     if trace:
         from wafersim.trace import write_trace
@@ -758,7 +767,12 @@ def layer(
     grids = parse_grids(grid)
     tgt = load_target(target)
     cfg = load_model(model)
-    rows = [layer_run(cfg, tgt, p, phase, ctx, attention, kv=kv) for p in grids]
+    from rich.progress import track
+
+    err = Console(stderr=True)
+    rows = [layer_run(cfg, tgt, p, phase, ctx, attention, kv=kv) for p in track(
+        grids, description=f"{cfg.name} {phase}, P = {grid}", console=err, transient=True,
+        disable=not err.is_terminal)]
     if output:
         plot_sweep(rows, output)
     if as_json:
