@@ -111,9 +111,29 @@ def test_compare_bars(tiny, tmp_path):
     _png(viz.compare_bars(wafer, gpu), tmp_path / "cmp.png")
 
 
+def test_roofline_puts_each_op_at_its_bound(tiny, tmp_path):
+    from wafersim.baseline.gpus import GPUS
+
+    compiled, tgt, _, res = tiny
+    graph = build_graph(load_model("tiny-llama"), "decode", ctx_len=64)
+    ops = [d["op"] for _, d in graph.nodes(data=True) if d["op"].layer in (-1, 0)]
+    gpu = GPUS["a100"]
+    fig = viz.roofline(ops, tgt, "fp32", gpu, (1.0, res.flops / res.makespan_s))
+    wafer, gpus, star = fig.axes[0].collections
+    (a, bound), op = wafer.get_offsets()[0], next(o for o in ops if o.flops and o.bytes)
+    assert a == pytest.approx(op.flops / op.bytes)
+    peak, bw = tgt.peak_flops("fp32"), tgt.sram_bytes_per_cycle * tgt.cores * tgt.clock_hz
+    assert bound == pytest.approx(min(peak, a * bw))
+    assert gpus.get_offsets()[0][1] == pytest.approx(min(gpu.peak_flops["fp32"],
+                                                         a * gpu.hbm_bw_Bps))
+    assert len(wafer.get_offsets()) == sum(1 for o in ops if o.flops and o.bytes)
+    assert star.get_offsets()[0][1] < bound  # the simulated step is below its ops' bounds
+    _png(fig, tmp_path / "roofline.png")
+
+
 def test_cli_plot_and_trace(tiny, tmp_path):
     _, _, path, _ = tiny
-    for kind in ("util", "traffic", "placement", "memory", "time"):
+    for kind in ("util", "traffic", "placement", "memory", "time", "roofline"):
         png = tmp_path / f"{kind}.png"
         out = runner.invoke(app, ["plot", path, "--kind", kind, "-o", str(png),
                                   "--layers", "one"])

@@ -371,21 +371,25 @@ def simulate_cmd(
                  summary)
 
 
-PLOT_KINDS = ("util", "traffic", "placement", "memory", "time")
+PLOT_KINDS = ("util", "traffic", "placement", "memory", "time", "roofline")
 
 
 @app.command()
 @user_errors
 def plot(
     layout: str = typer.Argument(..., help="A layout file from `wafersim compile`."),
-    kind: str = typer.Option("util", "--kind", help="util, traffic, placement, memory or time."),
+    kind: str = typer.Option("util", "--kind",
+                             help="util, traffic, placement, memory, time or roofline."),
     output: str = typer.Option("plot.png", "-o", "--output", help="The PNG to write."),
     layers: str = typer.Option("all", "--layers",
                                help="all: every layer simulated; one: each region's layer loop "
                                     "run once (util, traffic)."),
     cores: int = typer.Option(8, "--cores", help="Cores in the timeline (kind time)."),
+    gpu: str = typer.Option("A100", "--gpu", help="The GPU whose roofline is drawn beside the "
+                                                  "wafer's (kind roofline)."),
 ):
-    """Draw a map of a compiled layout: utilisation, link traffic, placement, SRAM, timelines."""
+    """Draw a map of a compiled layout: utilisation, link traffic, placement, SRAM, timelines,
+    or the roofline of its model's ops."""
     import dataclasses
 
     import numpy as np
@@ -409,6 +413,8 @@ def plot(
         fig = viz.memory_map(quant.stored_layout(program, info), tgt)
     elif kind == "time":
         fig = viz.timeline(program, tgt, max_cores=max(cores, 1))
+    elif kind == "roofline":
+        fig = _roofline(program, tgt, info, layers, gpu)
     else:
         if layers == "one" and program.looped:
             program = dataclasses.replace(program, loop_count=np.minimum(program.loop_count, 1))
@@ -416,6 +422,31 @@ def plot(
         fig = viz.util_map(res) if kind == "util" else viz.traffic_map(res)
     viz.save(fig, output)
     print(f"plot: {output}")
+
+
+def _roofline(program, tgt, info: dict, layers: str, gpu: str):
+    """The roofline of the layout's model ops (one layer's, and the ends), with the simulated
+    step as one point: its FLOPs over the SRAM bytes its compute moves, and its FLOP/s."""
+    import dataclasses
+
+    import numpy as np
+
+    from models import ModelConfig, build_graph
+    from wafersim import viz
+    from wafersim.baseline.gpus import GPUS
+
+    if gpu.lower() not in GPUS:
+        raise ValueError(f"--gpu {gpu!r} is not one of {', '.join(g.name for g in GPUS.values())}")
+    cfg = ModelConfig.from_dict(info["model"], info["model_name"])
+    graph = (build_graph(cfg, "prefill", seq_len=info["ctx"]) if info["phase"] == "prefill"
+             else build_graph(cfg, "decode", batch=info["batch"], ctx_len=info["ctx"]))
+    ops = [d["op"] for _, d in graph.nodes(data=True) if d["op"].layer in (-1, 0)]
+    if layers == "one" and program.looped:
+        program = dataclasses.replace(program, loop_count=np.minimum(program.loop_count, 1))
+    res = simulate(program, tgt)
+    achieved = (res.flops / max(res.sram_bytes, 1), res.flops / res.makespan_s)
+    return viz.roofline(ops, tgt, program.dtype, GPUS[gpu.lower()], achieved,
+                        f"{cfg.name} {info['phase']}: one layer's ops and the ends")
 
 
 @app.command()

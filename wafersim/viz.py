@@ -1,4 +1,5 @@
-"""Figures of a simulated mesh: utilisation, traffic, placement, memory, core timelines.
+"""Figures of a simulated mesh: utilisation, traffic, placement, memory, core timelines,
+and the ops' roofline.
 
 Every function returns a matplotlib Figure (Agg backend, nothing is shown). Mesh maps are
 drawn as one image: a [height, width] array is reduced to at most `max_side` pixels a side by
@@ -228,6 +229,51 @@ def compare_bars(summary_wafer: dict, summary_gpu: dict) -> Figure:
         ax.set_title(label, fontsize=9)
     fig.suptitle(f"{summary_wafer.get('model') or ''} {summary_wafer.get('phase') or ''}: "
                  "wafer vs GPU", fontsize=10)
+    return fig
+
+
+def roofline(ops, target: MeshTarget, dtype: str, gpu=None, achieved: tuple | None = None,
+             title: str = "") -> Figure:
+    """Each op (models.ops.Op with FLOPs: one layer's and the model's ends) at its arithmetic
+    intensity, FLOPs per byte of the data it reads and writes, on the wafer's roofline (peak
+    FLOP/s; SRAM bandwidth of all cores, where a core's weights live) and, with `gpu` (a
+    baseline GPUSpec), on that GPU's (datasheet peak; HBM bandwidth). A point sits at the
+    op's bound, min(peak, intensity x bandwidth). `achieved`: (intensity, FLOP/s) of a
+    simulated wafer step, drawn as a star: how far the step falls below its ops' bounds."""
+    ops = [op for op in ops if op.flops > 0 and op.bytes > 0]
+    ai = np.array([op.flops / op.bytes for op in ops])
+    roofs = [("wafer " + target.name, target.peak_flops(dtype),
+              target.sram_bytes_per_cycle * target.cores * target.clock_hz, "tab:purple", "o")]
+    if gpu is not None:
+        rate = gpu.peak_flops.get(dtype, gpu.peak_flops.get("bf16"))
+        roofs.append((gpu.name, rate, gpu.hbm_bw_Bps, "tab:gray", "s"))
+    lo = min(float(ai.min(initial=1.0)), achieved[0] if achieved else 1.0) / 4
+    hi = max(float(ai.max(initial=1.0)), max(p / b for _, p, b, _, _ in roofs)) * 4
+    x = np.geomspace(lo, hi, 200)
+    fig, ax = plt.subplots(figsize=(7.5, 5), constrained_layout=True)
+    for name, peak, bw, colour, marker in roofs:
+        ax.plot(x, np.minimum(peak, x * bw), color=colour, label=f"{name} roof")
+        ax.scatter(ai, np.minimum(peak, ai * bw), color=colour, marker=marker, s=24, zorder=3)
+    groups: dict[float, list[str]] = {}  # ops of (nearly) equal intensity share one label
+    for op, a in zip(ops, ai):
+        names = groups.setdefault(round(math.log10(a), 1), [])
+        if op.name.split(".")[-1] not in names:
+            names.append(op.name.split(".")[-1])
+    for k, (lg, names) in enumerate(sorted(groups.items())):
+        a = 10 ** lg
+        ax.annotate(", ".join(names), (a, min(roofs[0][1], a * roofs[0][2])), fontsize=6,
+                    rotation=30, xytext=(3, 4 + 10 * (k % 2)), textcoords="offset points")
+    if achieved:
+        ax.scatter([achieved[0]], [achieved[1]], marker="*", s=150, color="tab:red", zorder=4,
+                   label="simulated wafer step")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(top=max(peak for _, peak, _, _, _ in roofs) * 60)  # room for the labels
+    ax.set_xlabel("arithmetic intensity (FLOP / byte read or written)")
+    ax.set_ylabel("FLOP/s")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title or f"ops on {target.name}, {dtype}", fontsize=10)
     return fig
 
 
