@@ -78,7 +78,11 @@ MODELS = [
     LlamaShape("llama-2-7b", 4096, 11008, 32, 32, 32, 32000),
     # meta-llama/Llama-2-13b-hf config.json
     LlamaShape("llama-2-13b", 5120, 13824, 40, 40, 40, 32000),
+    # meta-llama/Meta-Llama-3-70B config.json, 40 of its 80 layers: the whole model's 141 GB
+    # of bf16 weights fit no single GPU; half of it (71 GB) fits one H200 with its caches.
+    LlamaShape("llama-3-70b-40l", 8192, 28672, 40, 64, 8, 128256),
 ]
+DEFAULT_MODELS = ("llama-3-8b", "llama-2-7b", "llama-2-13b")
 SMOKE_MODEL = LlamaShape("tiny", 64, 160, 2, 4, 2, 256)
 
 GEMV_SHAPES = [  # (in_features k, out_features n): x[b, k] @ W[k, n]
@@ -626,7 +630,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     ap.add_argument("--sections", default="copy,launch,gemv,gemm,models",
                     help="comma-separated subset of copy,launch,gemv,gemm,models")
-    ap.add_argument("--models", default=",".join(m.name for m in MODELS))
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                    help=f"comma-separated, of {','.join(m.name for m in MODELS)}")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

@@ -13,6 +13,7 @@ seq_len tokens, ctx_len 0, with flash attention (as measured).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -23,8 +24,10 @@ from wafersim.baseline.cluster import parse_cluster
 from wafersim.baseline.simulate import simulate_cluster
 
 RESULTS = Path(__file__).parent / "results"
-FILES = {"h100.jsonl": "1xH100", "h200.jsonl": "1xH200"}
-ZOO = {"llama-3-8b": "llama3-8b", "llama-2-7b": "llama2-7b", "llama-2-13b": "llama2-13b"}
+FILES = {"h100.jsonl": "1xH100", "h200.jsonl": "1xH200", "h200_70b.jsonl": "1xH200"}
+ZOO = {"llama-3-8b": "llama3-8b", "llama-2-7b": "llama2-7b", "llama-2-13b": "llama2-13b",
+       "llama-3-70b-40l": "llama3-70b"}
+LAYERS = {"llama-3-70b-40l": 40}  # a measured slice of the zoo model's layers
 END_TO_END = ("decode", "prefill", "decode_eager", "prefill_eager")
 
 
@@ -103,6 +106,10 @@ def points(results_dir: Path = RESULTS) -> list[dict]:
                 continue
             conf = rec["config"]
             cfg = models.load_model(ZOO[conf["model"]])
+            if conf["model"] in LAYERS:
+                n = LAYERS[conf["model"]]
+                cfg = dataclasses.replace(cfg, name=f"{cfg.name}[{n} layers]",
+                                          num_hidden_layers=n)
             if rec["kind"].startswith("decode"):
                 graph = models.build_graph(cfg, "decode", batch=conf["batch"],
                                            ctx_len=conf["ctx"] - 1)
