@@ -97,6 +97,7 @@ _SCATTER, _RED, _BCAST, _HANDOFF = 4, 5, 7, 9
 SAMPLE_SIDE = 64
 SAMPLED_STEPS = (2, 3)
 EMBED_SHARE = 4  # the embedding's partial sums take at most 1/EMBED_SHARE of a core's SRAM
+MARGINS = (0.97, 0.93, 0.89)  # shares of SRAM the estimate fills, tried in turn
 
 
 def algos(options) -> tuple[str, str]:
@@ -119,13 +120,30 @@ def compile_prefill(graph, target: MeshTarget, options):
         raise ProgramError(f"prefill after {past} cached tokens: the whole-model compiler "
                            "prefills a prompt from position 0 (ctx_len 0)")
     gemm_algo, gemv_algo = algos(options)
-    rows, cols, counts = partition_prefill(cfg, target, seq, options, gemm_algo)
-    placements = place(target, rows, cols, counts)
-    s = min(rows, cols)
-    sample = SAMPLED_STEPS if s > SAMPLE_SIDE else None
-    code = lower_prefill(cfg, target.width, target.height, placements, seq, options.levels,
-                         gemm_algo, gemv_algo, embed_rows(cfg, s, seq, target), sample)
-    code.check(target, f"{cfg.name} prefill of {seq} tokens")
+    # The estimate places; the exact check decides. A placement it refuses gives way to one
+    # placed with a wider margin (as in decode, a few at most).
+    error = None
+    for margin in MARGINS:
+        try:
+            rows, cols, counts = partition_prefill(cfg, target, seq, options, gemm_algo, margin)
+        except ProgramError:
+            if error is None:
+                raise
+            raise error from None
+        placements = place(target, rows, cols, counts)
+        s = min(rows, cols)
+        sample = SAMPLED_STEPS if s > SAMPLE_SIDE else None
+        code = lower_prefill(cfg, target.width, target.height, placements, seq,
+                             options.levels, gemm_algo, gemv_algo,
+                             embed_rows(cfg, s, seq, target), sample)
+        try:
+            code.check(target, f"{cfg.name} prefill of {seq} tokens")
+            break
+        except ProgramError as e:
+            error = error or e.with_traceback(None)  # (its frames would hold the code)
+            code = None
+    else:
+        raise error
     sram = code.sram_per_core()
     memory = dict(sram_max_bytes=int(sram.max()), sram_limit_bytes=target.sram_bytes,
                   sram_mean_bytes=float(sram[sram > 0].mean()), max_ctx=seq, grid=f"{s}x{s}",
@@ -183,9 +201,9 @@ def prefill_scratch_bytes(cfg: ModelConfig, s: int, seq: int, algo: str, embed: 
     return math.ceil(elems * DTYPE_BYTES[cfg.dtype])
 
 
-def _prefill_counts(cfg, target, s, n, seq, algo):
+def _prefill_counts(cfg, target, s, n, seq, algo, margin=MARGINS[0]):
 
-    limit = 0.97 * target.sram_bytes
+    limit = margin * target.sram_bytes
     per = prefill_layer_bytes(cfg, s, seq)
     rows = embed_rows(cfg, s, seq, target)
     extra = [prefill_scratch_bytes(cfg, s, seq, algo, k == 0, k == n - 1, rows)
@@ -196,9 +214,11 @@ def _prefill_counts(cfg, target, s, n, seq, algo):
 
 
 def partition_prefill(cfg: ModelConfig, target: MeshTarget, seq: int, options,
-                      algo: str = "meshgemm") -> tuple[int, int, list[int]]:
+                      algo: str = "meshgemm", margin: float = MARGINS[0]
+                      ) -> tuple[int, int, list[int]]:
     """(rows, cols, layers per region): regions of s x s cores (or options.region, whose
-    top-left min(rows, cols) square the layers use), by policy as in decode."""
+    top-left min(rows, cols) square the layers use), by policy as in decode, filling at most
+    `margin` of each core's SRAM by estimate."""
     L, smax = cfg.num_hidden_layers, _max_side(cfg)
     if options.region is not None:
         rows, cols = options.region
@@ -208,7 +228,7 @@ def partition_prefill(cfg: ModelConfig, target: MeshTarget, seq: int, options,
             raise ProgramError(f"prefill: region {rows}x{cols} gives a {s}x{s} grid; "
                                f"{cfg.name} allows at most {smax}x{smax} (RoPE pairs of its "
                                "KV heads)")
-        counts = _prefill_counts(cfg, target, s, n, seq, algo)
+        counts = _prefill_counts(cfg, target, s, n, seq, algo, margin)
         if counts is None:
             raise ProgramError(f"{cfg.name} prefill of {seq} tokens does not fit {n}"
                                f" regions of {rows}x{cols} cores: {target.sram_bytes:,} B of "
@@ -224,7 +244,7 @@ def partition_prefill(cfg: ModelConfig, target: MeshTarget, seq: int, options,
         if cfg.architecture == "bert" and seq % s:
             continue  # an encoder's keys must not be padded (every token sees every key)
         n = min((target.height // s) * (target.width // s), L + 2)
-        counts = _prefill_counts(cfg, target, s, n, seq, algo)
+        counts = _prefill_counts(cfg, target, s, n, seq, algo, margin)
         if counts:
             key = policy_key(policy, counts, s)
             if best is None or key > best[0]:

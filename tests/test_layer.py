@@ -136,3 +136,8 @@ def test_cli_bad_input_is_one_line_exit_2(args):
     out = runner.invoke(app, ["layer", "tiny-llama", "--ctx", "32", *args])
     assert out.exit_code == 2, (args, out.output)
     assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1
+
+
+def test_a_sampled_prefill_grid_is_refused_before_compiling():
+    with pytest.raises(ProgramError, match="grids wider than 64 cores a side"):
+        layer_run(CFG, WSE2, 65, "prefill", ctx=128)

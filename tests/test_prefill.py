@@ -188,3 +188,28 @@ def test_meshgemm_shifts_take_at_most_two_hops():
         n = np.diff(prog.route_ptr)
         hops[algo] = n[np.isin(prog.msg_colour, (_A, _B, _KV))].max()
     assert hops["meshgemm"] == 2 and hops["cannon"] == 5
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_embedding_in_rounds_matches_the_reference(name, monkeypatch):
+    """The embedding looks its ids up a few row blocks at a time (3 of an 8x8 grid's 8 rows a
+    round, the last round padded) so that long prompts fit; logits and caches are unchanged.
+    GPT-2 adds each round's rows of the learned position table."""
+    from compiler import prefill_model
+    from compiler.model import CompileOptions, compile_model, pack_inputs
+    from compiler.prefill_model import unpack_caches
+    from models import build_graph
+
+    cfg = load_model(name)
+    monkeypatch.setattr(prefill_model, "embed_rows", lambda *a: 3)
+    weights = random_weights(cfg, seed=5)
+    prompt = np.array([3, 17, 99, 5, 200, 42, 7, 1, 9, 64, 11, 30, 2]) % cfg.vocab_size
+    logits, cache = forward(cfg, weights, prompt[None])
+    compiled = compile_model(build_graph(cfg, "prefill", seq_len=len(prompt)),
+                             load_target("wse2").with_mesh(8, 8), CompileOptions(region=(8, 8)))
+    assert compiled.memory["grid"] == "8x8"
+    out = execute(compiled.program, pack_inputs(compiled, weights, prompt))
+    np.testing.assert_allclose(out["logits"], logits[:, -1], rtol=1e-4, atol=1e-4)
+    k, v = unpack_caches(compiled, out)
+    np.testing.assert_allclose(k[-1], cache.k[-1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(v[-1], cache.v[-1], rtol=1e-4, atol=1e-4)

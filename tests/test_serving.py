@@ -106,13 +106,35 @@ def test_workload_trace_and_bad_input(tmp_path):
         serving.load_trace(bad)
 
 
-def test_cli_serve_json_keys_and_bad_input():
+def test_wafer_points_are_simulated_once_and_then_read_from_the_cache(tmp_path, monkeypatch):
+    """A full-wafer-sized prefill takes minutes, so every simulated point is kept on disk,
+    keyed by the source and the simulator's code; prefill on grids past SAMPLE_SIDE is
+    simulated with sampled steps and the table says so."""
+    from compiler import prefill_model
+    from compiler.targets import load_target
+    from wafersim import compare
+    from wafersim.steps import WaferSource
+
+    monkeypatch.setattr(prefill_model, "SAMPLE_SIDE", 2)  # tiny-llama's 16x16 grid: sampled
+    src = WaferSource(load_model("tiny-llama"), load_target("test16x16"), cache_dir=tmp_path)
+    t = build_table(src, batches=[1], ctxs=[64], prefill_tokens=[32])
+    assert "every layer and steps 2 and 3 of 16, extrapolated" in t.prefill_note, t.prefill_note
+    assert len(list(tmp_path.glob("point_*.json"))) == 2  # decode (the capacity too), prefill
+    monkeypatch.setattr(compare, "wafer_side", lambda *a: pytest.fail("simulated again"))
+    again = WaferSource(load_model("tiny-llama"), load_target("test16x16"), cache_dir=tmp_path)
+    assert again.prefill_point(1, 32) == t.prefill(1, 32)
+    assert again.decode_point(1, 64) == t.decode(1, 64)
+
+
+def test_cli_serve_json_keys_and_bad_input(tmp_path):
     runner = CliRunner()
-    r = runner.invoke(app, ["serve", "tiny-llama", "--wafer", "test16x16", "--gpus", "1xH100",
-                            "--rate", "50", "--duration", "20", "--prompt", "64", "--output",
-                            "16", "--batches", "1,2", "--ctxs", "64", "--error-points", "0",
-                            "--rates", "20,80", "--json"])
+    args = ["serve", "tiny-llama", "--wafer", "test16x16", "--gpus", "1xH100", "--rate", "50",
+            "--duration", "20", "--prompt", "64", "--output", "16", "--batches", "1,2",
+            "--ctxs", "64", "--error-points", "0", "--rates", "20,80", "--json",
+            "--cache-dir", str(tmp_path)]
+    r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
+    assert runner.invoke(app, args).stdout == r.stdout  # the second run reads the cache
     out = json.loads(r.stdout)
     assert set(out["systems"]) == {"wafer", "gpus"}
     for s in out["systems"].values():

@@ -149,6 +149,22 @@ def test_the_parts_order_check_agrees_with_the_expansions(cycle):
         code.expand().check_order()
 
 
+@pytest.mark.parametrize("layers", [7, 10])
+def test_one_layer_mode_equals_every_layer_when_regions_hold_unequal_counts(layers):
+    """[1, 3, 3] and [2, 4, 4] layers: the second run grows only the regions holding two or
+    more layers, and `one` must divide by those (it once divided by every region)."""
+    from wafersim.whole import simulate_layout
+
+    cfg = dataclasses.replace(CFG, num_hidden_layers=layers)
+    c = compile_model(build_graph(cfg, "decode", batch=2, ctx_len=9), MESH,
+                      CompileOptions(region=(4, 16)))
+    counts = [p.count for p in c.placements]
+    assert min(counts) < max(counts) and max(counts) > 2, counts
+    one, every = (simulate_layout(c.code, MESH, c.info(), m) for m in ("one", "all"))
+    assert one["extrapolated"] and not every["extrapolated"]
+    assert one["makespan_cycles"] == every["makespan_cycles"]
+
+
 # ---- prefill: stamped like decode; sampled steps for grids too large to build whole ----------
 
 PREFILL_CFG = dataclasses.replace(CFG, num_hidden_layers=3)
@@ -252,6 +268,21 @@ def test_sampled_prefill_extrapolates_close_to_the_exact_simulation(monkeypatch)
     got = simulate_layout(fast.code, mesh, fast.info())
     assert got["steps_sampled"] == [2, 3, 8]
     assert abs(got["makespan_cycles"] / want - 1) < 0.03
+
+
+@pytest.mark.parametrize("algo", ["meshgemm", "summa"])
+def test_sampled_steps_keep_the_whole_layers_sram(algo, monkeypatch):
+    """Every buffer of the layer is allocated whatever the steps run (SUMMA's weight tiles of
+    rows the sampled loop never reaches too), so the SRAM check is the exact program's."""
+    from compiler import prefill_model as pm
+
+    exact = _prefill(seq=16, algo=algo)
+    monkeypatch.setattr(pm, "SAMPLE_SIDE", 0)
+    monkeypatch.setattr(pm, "SAMPLED_STEPS", (1, 2))
+    fast = _prefill(seq=16, algo=algo)
+    assert fast.code.sampled
+    for key in ("sram_max_bytes", "sram_mean_bytes"):
+        assert fast.memory[key] == exact.memory[key], key
 
 
 def test_a_sampled_prefill_is_for_timing_only_and_keeps_both_bodies(sampled, tmp_path):

@@ -229,6 +229,7 @@ def compile_cmd(
     from compiler.layout import save_layout
     from compiler.model import CompileOptions, compile_model
     from compiler.multiwafer import WaferCluster, compile_multiwafer, is_cluster, load_cluster
+    from compiler.prefill_model import algos as prefill_algos
     from models import build_graph, load_model
 
     tgt = load_cluster(target) if is_cluster(target) else load_target(target)
@@ -257,7 +258,9 @@ def compile_cmd(
         save_layout(compiled.code, output, **compiled.info())
     prog, mem = compiled.code, compiled.memory
     summary = {"system": tgt.name, "model": cfg.name, "phase": phase, "batch": batch,
-               "ctx": ctx, "fits": True, "policy": policy, "algo": algo,
+               "ctx": ctx, "fits": True, "policy": policy,
+               "algo": algo if phase == "decode" else "{} (layers), {} (LM head)".format(
+                   *prefill_algos(options)),
                **({"act_density": act_density, "act_seed": act_seed} if act_density else {}),
                **({"fff_depth": fff_depth} if fff_depth >= 0 else {}),
                "regions": len(compiled.placements),
@@ -563,10 +566,14 @@ def serve(
     error_points: int = typer.Option(2, "--error-points",
                                      help="Off-bucket points simulated exactly to bound the "
                                           "interpolation error (0: none)."),
-    cache_dir: str = typer.Option("", "--cache-dir", help="Keep step tables here (JSON)."),
+    cache_dir: str = typer.Option("~/.cache/wafersim", "--cache-dir",
+                                  help="Keep simulated step points and tables here (JSON, keyed "
+                                       "by the simulator's source too); '' for none."),
     wafer_prefill_util: float = typer.Option(0.0, "--wafer-prefill-util",
                                              help="Estimate wafer prefill as FLOPs at this "
-                                                  "fraction of peak instead of simulating it."),
+                                                  "fraction of peak instead of simulating it "
+                                                  "(a quick what-if: a full-wafer prefill "
+                                                  "takes minutes to simulate)."),
     plot_path: str = typer.Option("", "--plot", help="Write KV occupancy (and latency vs "
                                                      "load) to this PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),

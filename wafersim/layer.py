@@ -42,6 +42,7 @@ import numpy as np
 from compiler import kvcache
 from compiler.estimate import layer_cycles
 from compiler.model import CompileOptions, _counts, compile_model, slot_bytes
+from compiler.prefill_model import SAMPLE_SIDE
 from compiler.program import ProgramError
 from compiler.targets import MeshTarget
 from models import build_graph
@@ -100,6 +101,12 @@ def layer_run(cfg: ModelConfig, target: MeshTarget, p: int, phase: str = "decode
                          f"{target.height}x{target.width})")
     if ctx < 1:
         raise ValueError(f"--ctx {ctx} must be >= 1")
+    if phase == "prefill" and p > SAMPLE_SIDE:
+        raise ProgramError(f"--phase prefill --grid {p}: grids wider than {SAMPLE_SIDE} cores a "
+                           "side are compiled with sampled steps, whose two stacked layers "
+                           "this version cannot run in one region; for a whole-model prefill "
+                           "use `wafersim compile --phase prefill` and `wafersim simulate "
+                           "--layers one`")
     layers = cfg.num_hidden_layers
     lcfg = dataclasses.replace(cfg, num_hidden_layers=2)
     if attention == "paper":

@@ -536,14 +536,14 @@ def _table(src, buckets: dict, cache_dir: str, error_points: int, progress) -> S
     import hashlib
     import json
 
-    from wafersim.steps import build_table, error_bound
+    from wafersim.steps import build_table, code_digest, error_bound
 
     path = None
     if cache_dir:
-        key = json.dumps([src.source(), buckets], sort_keys=True, default=str)
+        key = json.dumps([src.source(), buckets, code_digest()], sort_keys=True, default=str)
         digest = hashlib.sha1(key.encode()).hexdigest()[:12]
         safe = "".join(c if c.isalnum() else "_" for c in src.system)
-        path = Path(cache_dir) / f"steps_{src.cfg.name}_{safe}_{digest}.json"
+        path = Path(cache_dir).expanduser() / f"steps_{src.cfg.name}_{safe}_{digest}.json"
         if path.is_file():
             table = StepTable.load(path)
             if error_points and table.error is None:
@@ -597,17 +597,19 @@ def run_serve(model: str, wafer: str = "", gpus: str = "", rate: float = 20.0,
         tgt = load_target(wafer)
         if disaggregate:
             pre_t, dec_t = split_wafer(tgt, prefill_fraction)
-            pre = _table(WaferSource(cfg, pre_t, layers=layers, prefill_util=wafer_prefill_util),
+            pre = _table(WaferSource(cfg, pre_t, layers=layers, prefill_util=wafer_prefill_util,
+                                     cache_dir=cache_dir),
                          {**buckets, "batches": [1], "ctxs": buckets["ctxs"][:1]}, cache_dir, 0,
                          progress)
-            dec = _table(WaferSource(cfg, dec_t, layers=layers,
+            dec = _table(WaferSource(cfg, dec_t, layers=layers, cache_dir=cache_dir,
                                      prefill_util=wafer_prefill_util or 1.0),
                          {**buckets, "prefill_tokens": buckets["prefill_tokens"][:1]},
                          cache_dir, error_points, progress)
             systems["wafer"] = (dec, pre)
         else:
             systems["wafer"] = (_table(WaferSource(cfg, tgt, layers=layers,
-                                                   prefill_util=wafer_prefill_util),
+                                                   prefill_util=wafer_prefill_util,
+                                                   cache_dir=cache_dir),
                                        buckets, cache_dir, error_points, progress), None)
     if gpus:
         if disaggregate:

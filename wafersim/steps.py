@@ -10,13 +10,17 @@ from the real simulators, run once per bucket point and kept in a `StepTable`:
   below the smallest ctx bucket it is the smallest bucket's time;
 - prefill: `tokens` per prompt in buckets, and for GPUs `batch` prompts at once; on the wafer
   prefill runs one prompt at a time (compiler.prefill_model compiles batch 1 only), so a batch
-  of prompts is prefilled one after the other.
+  of prompts is prefilled one after the other. A full-wafer prefill is compiled with sampled
+  steps and simulated with `prefill_layers="one"` by default (wafersim.whole; minutes and
+  about 13 GB for LLaMA-3-8B, docs/performance.md), which is why points are cached on disk.
 
 Two sources fill a table (`WaferSource`: compiler.model.compile_model + wafersim.whole's
 simulate_layout, as `wafersim compare` runs them; `GpuSource`: wafersim.baseline's
 simulate_cluster). The table records every simulated point and its wall time, saves and loads
 as JSON, and `error_bound(table)` simulates off-bucket points exactly and reports the largest
-relative error of the interpolation.
+relative error of the interpolation. A `WaferSource` with a `cache_dir` also keeps each
+simulated point there (one JSON file per model, target, options, layer modes, phase, batch and
+context), so tables with other buckets, and later runs, reuse them.
 
 >>> from compiler.targets import load_target
 >>> from models import load_model
@@ -42,9 +46,21 @@ from compiler.targets import MeshTarget
 from models.config import ModelConfig
 
 TABLE_VERSION = 1
-# A wafer prefill is not attempted above this many cores: prefill layers are not stamped yet
-# and a full-wafer prefill program does not fit a workstation's memory (docs/performance.md).
-PREFILL_CORE_LIMIT = 256 * 256
+
+
+def code_digest() -> str:
+    """A digest of the compiler's and the simulator's source: cached points are keyed by it,
+    so a change to either simulates afresh rather than reuse stale figures."""
+    import hashlib
+
+    import compiler
+    import wafersim
+
+    h = hashlib.sha1()
+    for pkg in (compiler, wafersim):
+        for f in sorted(Path(pkg.__file__).parent.rglob("*.py")):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def powers_of_two(lo: int, hi: int) -> list[int]:
@@ -60,31 +76,57 @@ def powers_of_two(lo: int, hi: int) -> list[int]:
 class WaferSource:
     """Exact step times of `cfg` on a wafer target (compile + simulate every point).
 
+    `layers` / `prefill_layers`: wafersim.whole's layer mode for decode / prefill points.
     `prefill_util`: when given, prefill is not simulated but estimated as the prefill graph's
-    FLOPs over this fraction of the target's peak (a roofline stand-in, recorded as such);
-    when None, a prefill that cannot be compiled on the target raises ValueError saying so."""
+    FLOPs over this fraction of the target's peak (a roofline stand-in, recorded as such, for
+    a quick what-if); when None, a prefill that cannot be compiled on the target raises
+    ValueError saying so. `cache_dir`: keep every simulated point there (module docstring)."""
 
     kind = "wafer"
 
     def __init__(self, cfg: ModelConfig, target: MeshTarget, options: CompileOptions | None = None,
-                 layers: str = "all", prefill_util: float | None = None):
+                 layers: str = "all", prefill_util: float | None = None,
+                 prefill_layers: str = "one", cache_dir: str | Path = ""):
         if prefill_util is not None and not 0 < prefill_util <= 1:
             raise ValueError(f"prefill utilisation {prefill_util} must be in (0, 1]")
         self.cfg, self.target, self.layers = cfg, target, layers
         self.options = options or CompileOptions()
-        self.prefill_util = prefill_util
+        self.prefill_util, self.prefill_layers = prefill_util, prefill_layers
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.system = target.name
+        self.prefill_how: set[str] = set()  # how the prefill points were simulated
 
     def source(self) -> dict:
         return {"kind": "wafer", "model": self.cfg.to_dict(), "model_name": self.cfg.name,
                 "target": self.target.to_dict(), "options": vars(self.options),
-                "layers": self.layers, "prefill_util": self.prefill_util}
+                "layers": self.layers, "prefill_layers": self.prefill_layers,
+                "prefill_util": self.prefill_util}
 
     def _run(self, phase: str, batch: int, ctx: int) -> dict:
+        """compare.wafer_side's summary (what the table reads of it), from the cache when it
+        holds this point."""
+        import hashlib
+
         from wafersim.compare import step_graph, wafer_side
 
-        return wafer_side(step_graph(self.cfg, phase, batch, ctx), self.target, self.layers,
-                          self.options)
+        path = None
+        if self.cache_dir is not None:
+            src = {k: v for k, v in self.source().items() if k != "prefill_util"}
+            key = json.dumps([src, phase, batch, ctx, code_digest()], sort_keys=True,
+                             default=str)
+            path = self.cache_dir / f"point_{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+            if path.is_file():
+                return json.loads(path.read_text())
+        layers = self.prefill_layers if phase == "prefill" else self.layers
+        s = wafer_side(step_graph(self.cfg, phase, batch, ctx), self.target, layers,
+                       self.options)
+        s = {k: s.get(k) for k in ("fits", "reason", "makespan_s", "max_ctx", "max_batch",
+                                   "sim_wall_s", "compile_wall_s", "steps_sampled",
+                                   "layers_simulated")}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({**s, "phase": phase, "batch": batch, "ctx": ctx}))
+        return s
 
     def capacity(self, ctx: int) -> dict:
         """KV pool (tokens), longest sequence and max batch of a cache compiled for `ctx`."""
@@ -108,14 +150,15 @@ class WaferSource:
             raise ValueError("the wafer prefills one prompt at a time (batch 1)")
         if self.prefill_util is not None:
             return self._roofline(tokens)
-        cores = self.target.width * self.target.height
-        if cores > PREFILL_CORE_LIMIT:
-            raise ValueError(
-                f"{self.cfg.name} prefill is not simulated on {self.system} ({cores:,} cores): "
-                "prefill layers are not stamped yet and a prefill program this size does not fit "
-                "this host (docs/performance.md); pass a prefill utilisation "
-                "(--wafer-prefill-util) for a roofline estimate instead")
         s = self._run("prefill", 1, tokens)
+        if s["fits"]:
+            how = "one layer per region" if s["layers_simulated"] == "one" else "every layer"
+            if s.get("steps_sampled"):
+                t1, t2, full = s["steps_sampled"]
+                how += f" and steps {t1} and {t2} of {full}"
+            if s["layers_simulated"] == "one" or s.get("steps_sampled"):
+                how += ", extrapolated"
+            self.prefill_how.add(how)
         if not s["fits"]:
             raise ValueError(f"{self.cfg.name} prefill of {tokens} tokens cannot be compiled on "
                              f"{self.system}: {s['reason']}; pass --wafer-prefill-util for a "
@@ -171,7 +214,7 @@ class GpuSource:
         return self._run("prefill", batch, tokens).makespan_s
 
 
-def source_from_dict(d: dict):
+def source_from_dict(d: dict, cache_dir: str | Path = ""):
     """Rebuild the source a saved table came from (to simulate more points exactly)."""
     from compiler.targets import MeshTarget as Target
 
@@ -181,7 +224,8 @@ def source_from_dict(d: dict):
         if opts.get("region") is not None:
             opts["region"] = tuple(opts["region"])
         return WaferSource(cfg, Target.from_dict(d["target"]), CompileOptions(**opts),
-                           d["layers"], d["prefill_util"])
+                           d["layers"], d["prefill_util"], d.get("prefill_layers", "one"),
+                           cache_dir)
     return GpuSource(cfg, d["cluster"], d["batch_cap"])
 
 
@@ -361,7 +405,8 @@ def build_table(src, batches: list[int] | None = None, ctxs: list[int] | None = 
     if sequential:
         note = ("roofline: prefill FLOPs at "
                 f"{src.prefill_util:.0%} of peak (not simulated)" if src.prefill_util
-                else "simulated, batch 1 (prompts prefilled one after another)")
+                else f"simulated ({'; '.join(sorted(src.prefill_how))}), batch 1 (prompts "
+                     "prefilled one after another)")
     return StepTable(system=src.system, kind=src.kind, model=src.cfg.name, batches=batches,
                      ctxs=ctxs, decode_s=decode, prefill_batches=pbatches,
                      prefill_tokens=prefill_tokens, prefill_s=prefill,

@@ -554,9 +554,14 @@ def _shift(bld, p, cur, dst_core, from_, nxt, elems, colour, step):
 
 def _summa(bld, p, a_parts, n_parts, out, pool_a, pool_b, step):
     s = p.s
+    # Row k's B tiles, every k (so that a sampled loop's weights take their whole SRAM).
+    own = {(pa, q, k): bld.buffers(p.core[k, np.flatnonzero(wq > 0)], wa[k], wq[wq > 0], INPUT,
+                                   tq, r0[k], c0[wq > 0])
+           for pa, (_, wa, r0) in enumerate(a_parts) for q, (tq, c0, wq) in enumerate(n_parts)
+           for k in range(s) if wa[k]}
     for k in range(p.steps):
         base = step + 3 * k
-        for pa, ((bufs, wa, r0), pool) in enumerate(zip(a_parts, pool_a)):
+        for pa, ((bufs, wa, _), pool) in enumerate(zip(a_parts, pool_a)):
             if wa[k] == 0:
                 continue
             a = _slot(pool, wa, np.full((s, s), k), k % 2)
@@ -564,14 +569,13 @@ def _summa(bld, p, a_parts, n_parts, out, pool_a, pool_b, step):
                 line_broadcast(bld, p.core, k, bufs[:, k], a, base, _A,
                                np.full(s, _nbytes(bld, p.mb * wa[k])))
             a[:, k] = bufs[:, k]
-            for q, ((tq, c0, wq), pb) in enumerate(zip(n_parts, pool_b[pa])):
+            for q, ((_, _, wq), pb) in enumerate(zip(n_parts, pool_b[pa])):
                 cols = np.flatnonzero(wq > 0)
-                own = bld.buffers(p.core[k, cols], wa[k], wq[cols], INPUT, tq, r0[k], c0[cols])
                 b = _slot(pb, wa, np.full((s, s), k), k % 2)
                 if s > 1:
-                    line_broadcast(bld, p.core.T[cols], k, own, b.T[cols], base, _B + 1,
-                                   _nbytes(bld, wa[k] * wq[cols]))
-                b[k, cols] = own
+                    line_broadcast(bld, p.core.T[cols], k, own[pa, q, k], b.T[cols], base,
+                                   _B + 1, _nbytes(bld, wa[k] * wq[cols]))
+                b[k, cols] = own[pa, q, k]
                 on = np.zeros((s, s), bool)
                 on[:, cols] = True
                 bld.compute(p.core[on], base + 2, OP_MATMUL_ACC, c=out[q][on], a=a[on], b=b[on])
