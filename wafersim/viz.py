@@ -58,8 +58,7 @@ def _mesh_panel(fig: Figure, ax, grid: np.ndarray, title: str, label: str, max_s
                 how: str = "mean", vmax: float | None = 1.0, cmap: str = "viridis") -> None:
     img, f = block_reduce(grid, max_side, how)
     h, w = grid.shape
-    cm = plt.get_cmap(cmap).copy()
-    cm.set_bad("0.8")
+    cm = plt.get_cmap(cmap).with_extremes(bad="0.8")
     im = ax.imshow(np.ma.masked_invalid(img), cmap=cm, vmin=0, vmax=vmax, origin="upper",
                    extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
     ax.set_title(title + (f" ({how} of {f}x{f} blocks)" if f > 1 else ""), fontsize=9)
