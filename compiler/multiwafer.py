@@ -162,13 +162,24 @@ def compile_multiwafer(graph: nx.DiGraph, cluster: WaferCluster,
         raise ProgramError(f"{cluster.name}: {n} wafers for {cfg.name}'s {L} layers; use at "
                            f"most {L}")
     capacity = ctx + 1 if options.capacity is None else options.capacity
-    caps = [stage_capacity(cfg, cluster.wafer, batch, capacity, options, _ends(k, n))
-            for k in range(n)]
+    held: dict[tuple[bool, bool], int] = {}  # ends -> the most layers a wafer holds
+
+    def cap(ends: tuple[bool, bool]) -> int:
+        if ends not in held:
+            held[ends] = stage_capacity(cfg, cluster.wafer, batch, capacity, options, ends)
+        return held[ends]
+
+    caps = [cap(_ends(k, n)) for k in range(n)]
     counts = distribute(L, caps)
     if counts is None or 0 in counts:
+        first, middle, last = (cap(e) for e in ((True, False), (False, False), (False, True)))
+        hint = ("no number of these wafers holds it (a stage does not fit one wafer)"
+                if 0 in (first, middle, last) else
+                f"{2 + max(0, -(-(L - first - last) // middle))} of these wafers would hold it")
         raise ProgramError(f"{cfg.name} does not fit {cluster.name}: its wafers hold at most "
                            f"{'+'.join(map(str, caps))} = {sum(caps)} of its {L} layers "
-                           f"(first and last wafer also hold the embedding and the LM head)")
+                           f"(first and last wafer also hold the embedding and the LM head); "
+                           + hint)
     built: dict[tuple, CompiledModel] = {}
     stages, first = [], 0
     for k, count in enumerate(counts):

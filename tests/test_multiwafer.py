@@ -100,7 +100,8 @@ def test_stage_estimate_follows_the_simulator():
 
 
 @pytest.mark.parametrize("name,cluster,match", [
-    ("llama3-70b", "2xwse2", "does not fit 2xwse2: its wafers hold at most"),
+    ("llama3-70b", "2xwse2", "does not fit 2xwse2: its wafers hold at most 16\\+16 = 32 of its "
+                             "80 layers .*; 5 of these wafers would hold it"),
     ("tiny-llama", "3xtest8x8", "3 wafers for tiny-llama's 2 layers"),
 ])
 def test_refusals_name_the_limit(name, cluster, match):
