@@ -116,6 +116,8 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print one JSON obje
         table.add_row(t["name"], t["mesh"], f"{t['cores']:,}", f"{t['sram_bytes_per_core']:,} B",
                       f"{t['peak_fp16_flops'] / 1e15:.2f} PFLOP/s")
     console.print(table)
+    console.print("Several wafers: COUNTxTARGET, e.g. --target 5xwse2 (docs/multiwafer.md)",
+                  highlight=False)
     table = Table("model", "params", "layers", "hidden", "heads / kv", title="Model zoo")
     for m in models:
         table.add_row(m["name"], f"{m['params'] / 1e9:.2f} B", str(m["layers"]),
