@@ -458,6 +458,25 @@ def max_batch(cfg: ModelConfig, target: MeshTarget, rows: int, cols: int, n: int
     return lo
 
 
+def largest_batch(cfg: ModelConfig, target: MeshTarget, capacity: int,
+                  s: Scheme | None = None, most: int = 1024) -> int:
+    """The largest decode batch (at most `most`) whose caches of `capacity` tokens a sequence
+    fit some placement on `target`, by the partition's estimate (0: not even one)."""
+    def fits(b: int) -> bool:
+        return next(_candidates(cfg, target, b, capacity, s), None) is not None
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= most and fits(hi):
+        lo, hi = hi, 2 * hi
+    hi = min(hi, most + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 def forced_regions(target: MeshTarget, rows: int, cols: int, layers: int) -> int:
     """How many regions of rows x cols `--region` gives (at most one per layer and table)."""
     n = (target.height // rows) * (target.width // cols)

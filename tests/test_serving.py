@@ -119,9 +119,11 @@ def test_wafer_points_are_simulated_once_and_then_read_from_the_cache(tmp_path, 
     src = WaferSource(load_model("tiny-llama"), load_target("test16x16"), cache_dir=tmp_path)
     t = build_table(src, batches=[1], ctxs=[64], prefill_tokens=[32])
     assert "every layer and steps 2 and 3 of 16, extrapolated" in t.prefill_note, t.prefill_note
-    assert len(list(tmp_path.glob("point_*.json"))) == 2  # decode (the capacity too), prefill
+    # the capacity (at the largest batch that compiles), decode at batch 1, prefill
+    assert len(list(tmp_path.glob("point_*.json"))) == 3
     monkeypatch.setattr(compare, "wafer_side", lambda *a: pytest.fail("simulated again"))
     again = WaferSource(load_model("tiny-llama"), load_target("test16x16"), cache_dir=tmp_path)
+    assert again.capacity(64)["max_batch"] == t.max_batch
     assert again.prefill_point(1, 32) == t.prefill(1, 32)
     assert again.decode_point(1, 64) == t.decode(1, 64)
 
@@ -145,3 +147,21 @@ def test_cli_serve_json_keys_and_bad_input(tmp_path):
     assert [row["rate"] for row in out["curves"]["gpus"]] == [20, 80]
     bad = runner.invoke(app, ["serve", "tiny-llama", "--gpus", "1xH100", "--rate", "-1"])
     assert bad.exit_code == 2 and "error:" in bad.output
+
+
+def test_the_wafer_serves_the_largest_batch_on_one_placement(tmp_path):
+    """The batch limit is the largest batch any placement holds (not the batch-1 placement's),
+    and every decode point runs on that placement's region shape."""
+    from compiler.model import largest_batch
+    from compiler.targets import load_target
+    from wafersim.steps import MAX_WAFER_BATCH, WaferSource
+
+    cfg, tgt = load_model("tiny-llama"), load_target("test16x16")
+    src = WaferSource(cfg, tgt, cache_dir=tmp_path)
+    cap = src.capacity(64)
+    best = min(MAX_WAFER_BATCH, largest_batch(cfg, tgt, 65))
+    assert 1 < cap["max_batch"] <= best and src.region is not None
+    assert cap["kv_capacity_tokens"] >= cap["max_batch"] * 65
+    one = src._run("decode", 1, 64)
+    assert one["region"] == cap["region"] == "{}x{}".format(*src.region)
+    assert src.decode_point(1, 64) <= src.decode_point(cap["max_batch"], 64)

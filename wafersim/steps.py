@@ -33,6 +33,7 @@ context), so tables with other buckets, and later runs, reuse them.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import math
 import time
@@ -46,6 +47,7 @@ from compiler.targets import MeshTarget
 from models.config import ModelConfig
 
 TABLE_VERSION = 1
+MAX_WAFER_BATCH = 64  # the largest decode batch a wafer table is built for
 
 
 def code_digest() -> str:
@@ -95,6 +97,9 @@ class WaferSource:
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.system = target.name
         self.prefill_how: set[str] = set()  # how the prefill points were simulated
+        # The decode placement every decode point runs on, fixed by `capacity` (a server
+        # cannot move its weights between steps): (rows, cols) of its regions.
+        self.region: tuple[int, int] | None = self.options.region
 
     def source(self) -> dict:
         return {"kind": "wafer", "model": self.cfg.to_dict(), "model_name": self.cfg.name,
@@ -109,33 +114,50 @@ class WaferSource:
 
         from wafersim.compare import step_graph, wafer_side
 
+        options = self.options
+        if phase == "decode" and self.region is not None:
+            options = dataclasses.replace(options, region=tuple(self.region))
         path = None
         if self.cache_dir is not None:
             src = {k: v for k, v in self.source().items() if k != "prefill_util"}
-            key = json.dumps([src, phase, batch, ctx, code_digest()], sort_keys=True,
-                             default=str)
+            key = json.dumps([src, vars(options), phase, batch, ctx, code_digest()],
+                             sort_keys=True, default=str)
             path = self.cache_dir / f"point_{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
             if path.is_file():
                 return json.loads(path.read_text())
         layers = self.prefill_layers if phase == "prefill" else self.layers
-        s = wafer_side(step_graph(self.cfg, phase, batch, ctx), self.target, layers,
-                       self.options)
+        s = wafer_side(step_graph(self.cfg, phase, batch, ctx), self.target, layers, options)
         s = {k: s.get(k) for k in ("fits", "reason", "makespan_s", "max_ctx", "max_batch",
                                    "sim_wall_s", "compile_wall_s", "steps_sampled",
-                                   "layers_simulated")}
+                                   "layers_simulated", "region")}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({**s, "phase": phase, "batch": batch, "ctx": ctx}))
         return s
 
     def capacity(self, ctx: int) -> dict:
-        """KV pool (tokens), longest sequence and max batch of a cache compiled for `ctx`."""
-        s = self._run("decode", 1, ctx)
+        """KV pool (tokens), longest sequence and max batch of the decode placement for the
+        largest batch any placement holds at `ctx` (by the compiler's estimate, at most
+        MAX_WAFER_BATCH; then checked exactly, halving until it compiles). Every decode point
+        then runs on that placement's region shape (`self.region`)."""
+        from compiler.model import largest_batch, scheme_of
+
+        ctx_opts = dataclasses.replace(self.options, capacity=None)
+        b = min(MAX_WAFER_BATCH, largest_batch(self.cfg, self.target, ctx + 1,
+                                               scheme_of(self.cfg, "decode", ctx_opts)))
+        while True:
+            s = self._run("decode", max(b, 1), ctx)
+            if s["fits"] or b <= 1:
+                break
+            b //= 2
         if not s["fits"]:
             raise ValueError(f"{self.cfg.name} decode does not fit {self.system}: {s['reason']}")
+        b = max(b, 1)
+        if self.region is None and s.get("region"):
+            self.region = tuple(int(v) for v in s["region"].split("x"))
         per_seq = int(s["max_ctx"]) + 1
-        return {"kv_capacity_tokens": per_seq, "max_seq_tokens": per_seq,
-                "max_batch": int(s["max_batch"] or 1)}
+        return {"kv_capacity_tokens": b * per_seq, "max_seq_tokens": per_seq,
+                "max_batch": max(b, int(s["max_batch"] or 1)), "region": s.get("region")}
 
     def decode_point(self, batch: int, ctx: int) -> float:
         s = self._run("decode", batch, ctx)
