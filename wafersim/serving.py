@@ -568,8 +568,12 @@ def run_serve(model: str, wafer: str = "", gpus: str = "", rate: float = 20.0,
               seed: int = 0, rates: list[float] | None = None, batches: str = "",
               ctxs: str = "", prefill_tokens: str = "", max_batch: int | None = None,
               error_points: int = 2, cache_dir: str = "", wafer_prefill_util: float | None = None,
-              layers: str = "all", samples: int = 2000, progress=None) -> dict:
-    """Build the step tables of each system, run the service, summarise (`wafersim serve`)."""
+              layers: str = "one", samples: int = 2000, progress=None) -> dict:
+    """Build the step tables of each system, run the service, summarise (`wafersim serve`).
+
+    `layers`: wafersim.whole's layer mode for the wafer's decode points. The default, `one`,
+    runs each region's loop once and twice and extrapolates; on decode that gives the same
+    cycles as simulating every layer (tests/test_stamp.py), in a fraction of the time."""
     from compiler.targets import load_target
     from models import load_model
     from wafersim.steps import GpuSource, WaferSource, powers_of_two
