@@ -446,12 +446,18 @@ def max_batch(cfg: ModelConfig, target: MeshTarget, rows: int, cols: int, n: int
               capacity: int, batch: int, s: Scheme | None = None, ends=(True, True)) -> int:
     """The largest batch whose KV caches and activations fit n regions of rows x cols at this
     capacity, by the partition's estimate (at least `batch`, which was checked exactly)."""
-    def fits(b):
-        return _counts(cfg, target, rows, cols, n, b, capacity, s, ends) is not None
+    return _largest(lambda b: _counts(cfg, target, rows, cols, n, b, capacity, s, ends)
+                    is not None, batch)
 
-    lo, hi = batch, 2 * batch
-    while fits(hi):
+
+def _largest(fits, lo: int, most: int | None = None) -> int:
+    """The largest b >= lo (at most `most`) with fits(b), for a monotone `fits` that holds at
+    lo: doubling, then bisection."""
+    hi = 2 * lo
+    while (most is None or hi <= most) and fits(hi):
         lo, hi = hi, 2 * hi
+    if most is not None:
+        hi = min(hi, most + 1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
@@ -465,16 +471,7 @@ def largest_batch(cfg: ModelConfig, target: MeshTarget, capacity: int,
     def fits(b: int) -> bool:
         return next(_candidates(cfg, target, b, capacity, s), None) is not None
 
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while hi <= most and fits(hi):
-        lo, hi = hi, 2 * hi
-    hi = min(hi, most + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return _largest(fits, 1, most) if fits(1) else 0
 
 
 def forced_regions(target: MeshTarget, rows: int, cols: int, layers: int) -> int:
@@ -496,17 +493,22 @@ def _candidates(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
                 s: Scheme | None = None, ends=(True, True)):
     """(rows, cols, layers per region) of the grids of equal regions that tile the wafer and
     fit its SRAM by estimate, one by one."""
+    for rows, cols, n in grids(cfg, target):
+        counts = _counts(cfg, target, rows, cols, n, batch, capacity, s, ends)
+        if counts:
+            yield rows, cols, tuple(counts)
+
+
+def grids(cfg: ModelConfig, target: MeshTarget):
+    """(rows, cols, regions) of each grid of equal regions that tiles the wafer: gr x gc of
+    them, at most one per layer and table, rows within the head layout's and d's limits."""
     L = cfg.num_hidden_layers
     for gr in range(1, L + 3):
         for gc in range(1, L + 3):
-            n = min(gr * gc, L + 2)
             rows = min(target.height // gr, _max_rows(cfg), cfg.hidden_size)
             cols = min(target.width // gc, cfg.hidden_size)
-            if rows < 1 or cols < 1:
-                continue
-            counts = _counts(cfg, target, rows, cols, n, batch, capacity, s, ends)
-            if counts:
-                yield rows, cols, tuple(counts)
+            if rows >= 1 and cols >= 1:
+                yield rows, cols, min(gr * gc, L + 2)
 
 
 def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,

@@ -35,9 +35,9 @@ from compiler.estimate import step_cycles
 from compiler.model import (
     CompiledModel,
     CompileOptions,
-    _max_rows,
     compile_model,
     distribute,
+    grids,
     pack_inputs,
     region_caps,
     scheme_of,
@@ -132,12 +132,8 @@ def stage_capacity(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: i
     over the same grids of regions (0: not even one)."""
     s, L = scheme_of(cfg, "decode", options), cfg.num_hidden_layers
     most: dict[tuple[int, int], int] = {}  # region shape -> the most regions of it
-    for gr in range(1, L + 3):
-        for gc in range(1, L + 3):
-            rows = min(target.height // gr, _max_rows(cfg), cfg.hidden_size)
-            cols = min(target.width // gc, cfg.hidden_size)
-            if rows >= 1 and cols >= 1:
-                most[rows, cols] = max(most.get((rows, cols), 0), min(gr * gc, L + 2))
+    for rows, cols, n in grids(cfg, target):
+        most[rows, cols] = max(most.get((rows, cols), 0), n)
     best = 0
     for (rows, cols), n in most.items():
         caps = region_caps(cfg, target, rows, cols, n, batch, capacity, s, ends)
