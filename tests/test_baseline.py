@@ -118,6 +118,33 @@ def test_tree_allgather_and_send_recv_closed_forms():
     assert send_recv(400, link).time_s == pytest.approx(5.0)
 
 
+def test_fixed_cost_and_achievable_fraction_enter_every_collective_once():
+    base = LinkSpec("x", bw_Bps=100.0, latency_s=1.0)
+    link = LinkSpec("x", bw_Bps=100.0, latency_s=1.0, achievable_frac=0.5, collective_s=3.0)
+    assert link.rate_Bps == 50.0
+    for fn in (lambda lk: ring_allreduce(400, 4, lk), lambda lk: tree_allreduce(400, 8, lk),
+               lambda lk: allgather(400, 4, lk), lambda lk: send_recv(400, lk)):
+        fast, slow = fn(base), fn(link)
+        # the bandwidth term doubles at half the rate; the fixed cost is paid once per call
+        assert slow.sent_per_gpu == fast.sent_per_gpu
+    assert ring_allreduce(400, 4, link).time_s == pytest.approx(3 + 2 * 3 / 4 * 400 / 50 + 6)
+    assert tree_allreduce(400, 8, link).time_s == pytest.approx(3 + 2 * 3 * (1 + 8))
+    assert allgather(400, 4, link).time_s == pytest.approx(3 + 3 / 4 * 8 + 3)
+    assert send_recv(400, link).time_s == pytest.approx(3 + 1 + 8)
+    for bad in ({"achievable_frac": 0.0}, {"achievable_frac": 1.5}, {"collective_s": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LinkSpec("x", 1.0, 0.0, **bad)
+
+
+def test_nvlink4_holds_the_fitted_nccl_figures(cal):
+    fixed, frac, rows = cal.fit_nccl(cal.load(ROOT / "benchmarks/gpu/results/h200x2.jsonl"))
+    link = LINKS["nvlink4"]
+    assert link.collective_s == pytest.approx(fixed, rel=0.01)
+    assert link.achievable_frac == pytest.approx(frac, rel=0.01)
+    errs = sorted(abs(p / m - 1) for op, _, m, p in rows if op == "all_reduce")
+    assert len(errs) == 16 and errs[len(errs) // 2] < 0.10  # the fit's own median error
+
+
 def test_wan_latency_grows_with_distance():
     assert wan(100).latency_s == pytest.approx(0.5e-3)
     assert wan(1000).latency_s == pytest.approx(5e-3)
@@ -261,6 +288,23 @@ def test_good_specs_parse():
     assert parse_cluster("1xH100").nodes[0].gpu is get_gpu("h100")
 
 
+def test_pp_cuts_each_node_into_stages_on_its_own_fabric():
+    c = parse_cluster("dp2:pp2:2x(8xH100)")
+    assert c.name == "dp2:pp2:2x(8xH100)" and c.n_gpus == 32
+    assert [n.n_gpus for n in c.nodes] == [4, 4, 4, 4]
+    assert [c.hop(i)[0] for i in range(3)] == ["nvlink", "internode", "nvlink"]
+    assert c.hop(0)[1] is LINKS["nvlink4"]
+    # two one-GPU stages of one host pass the residual stream over NVLink, not the NICs
+    g = graph("llama3-8b")
+    same = simulate_cluster(g, parse_cluster("pp2:2xH200"))
+    apart = simulate_cluster(g, parse_cluster("1xH200+1xH200"))
+    assert same.stage_layers == apart.stage_layers
+    assert sum(same.sent_bytes["nvlink"]) > 0 and sum(same.sent_bytes["internode"]) == 0
+    assert same.hop_s[0] == pytest.approx(
+        LINKS["nvlink4"].transfer_s(g.graph["batch"] * 4096 * 2)
+        + get_gpu("h200").graph_kernel_overhead_s)
+
+
 @pytest.mark.parametrize("spec, token", [
     ("9xFOO", "'9xFOO'"),
     ("0xH100", "'0xH100'"),
@@ -271,6 +315,8 @@ def test_good_specs_parse():
     ("8xH100+", "empty group"),
     ("8H100", "'8H100'"),
     ("dp0:8xH100", "'dp0:'"),
+    ("pp1:8xH100", "'pp1:'"),
+    ("pp3:8xH100", "divisible by 3"),
     ("8xH100@a+8xH100@b;a-b=warp", "'a-b=warp'"),
     ("", "empty"),
 ])

@@ -40,6 +40,15 @@ the baseline counts them; least squares on relative error throughout:
 
     PYTHONPATH=. python benchmarks/gpu/calibrate.py --kernels       # fits and their errors
     PYTHONPATH=. python benchmarks/gpu/calibrate.py --write-kernel-models
+
+NVLink collectives (measure_multi.py's NCCL sweep, results/h200x2.jsonl): the CUDA-graph
+all-reduce on 2 GPUs is t = graph gap + collective_s + 2 latency_s + bytes / (bw x frac)
+(collectives.ring_allreduce, n = 2), least squares on relative error over 8 KB - 256 MB for
+collective_s (NCCL's fixed cost per call) and frac (of the datasheet bandwidth), with the
+per-step latency_s kept at the link's preset (2 GPUs cannot tell it from the fixed cost).
+All-gather and send/recv on the same link are predicted, not fitted:
+
+    PYTHONPATH=. python benchmarks/gpu/calibrate.py --nccl benchmarks/gpu/results/h200x2.jsonl
 """
 
 from __future__ import annotations
@@ -386,15 +395,50 @@ def fit_all_kernels(results: Path = RESULTS) -> dict[str, dict]:
     return out
 
 
+def fit_nccl(records: list[dict], gpu_name: str = "h200", link_name: str = "nvlink4"):
+    """(collective_s, achievable_frac, rows): the fit above and, for every graph-captured
+    point on 2 GPUs, (op, bytes, measured s, predicted s) with the fitted link."""
+    from wafersim.baseline.collectives import allgather, allreduce, send_recv
+    from wafersim.baseline.gpus import get_gpu
+    from wafersim.baseline.links import LINKS
+
+    gap = get_gpu(gpu_name).graph_kernel_overhead_s
+    link = LINKS[link_name]
+    pts = [r for r in records if r["kind"] == "nccl" and "median_s" in r
+           and r["shape"]["gpus"] == 2 and r["shape"]["mode"] == "graph"]
+    ar = [r for r in pts if r["shape"]["op"] == "all_reduce"]
+    x = [r["shape"]["bytes"] / link.bw_Bps for r in ar]
+    t = [r["median_s"] - gap - 2 * link.latency_s for r in ar]
+    inv_frac, fixed = _fit_line(x, t)
+    fitted = replace(link, achievable_frac=1 / inv_frac, collective_s=fixed)
+    model = {"all_reduce": lambda b: allreduce(b, 2, fitted).time_s,
+             "all_gather": lambda b: allgather(b, 2, fitted).time_s,
+             "send_recv": lambda b: send_recv(b, fitted).time_s}
+    rows = [(r["shape"]["op"], r["shape"]["bytes"], r["median_s"],
+             gap + model[r["shape"]["op"]](r["shape"]["bytes"])) for r in pts]
+    return fixed, 1 / inv_frac, rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("jsonl", nargs="?")
     ap.add_argument("--peak-bw", type=float, help="datasheet HBM bytes/s")
     ap.add_argument("--peak-flops", type=float, default=989e12, help="datasheet bf16 FLOP/s")
     ap.add_argument("--kernels", action="store_true", help="fit the kernel models, print")
+    ap.add_argument("--nccl", help="fit the NVLink collective figures to this NCCL sweep")
     ap.add_argument("--write-kernel-models", action="store_true",
                     help="fit and write wafersim/baseline/kernel_models.py")
     args = ap.parse_args()
+    if args.nccl:
+        fixed, frac, rows = fit_nccl(load(args.nccl))
+        print(f"collective_s = {fixed * 1e6:.3g} us, achievable_frac = {frac:.3f}")
+        for op, nbytes, meas, pred in rows:
+            print(f"  {op:10s} {nbytes:>10d} B  measured {meas * 1e6:8.2f} us  predicted "
+                  f"{pred * 1e6:8.2f} us  {100 * (pred / meas - 1):+6.1f}%")
+        for op in ("all_reduce", "all_gather", "send_recv"):
+            errs = [abs(p / m - 1) for o, _, m, p in rows if o == op]
+            print(f"{op}: max {100 * max(errs):.1f}%, median {100 * statistics.median(errs):.1f}%")
+        return
     if args.kernels or args.write_kernel_models:
         fits = fit_all_kernels()
         for name, f in fits.items():

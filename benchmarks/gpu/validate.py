@@ -4,7 +4,8 @@ The baseline's constants were calibrated (benchmarks/gpu/calibrate.py) from the
 microbenchmarks alone; nothing here is fitted to the decode/prefill points it compares with.
 Measured decode "ctx" is the tokens attended after the step (the cache holds ctx-1 old tokens
 plus the new one), so the graph is built with ctx_len = ctx - 1. Prefill is batch 1,
-seq_len tokens, ctx_len 0, with flash attention (as measured).
+seq_len tokens, ctx_len 0, with flash attention (as measured). Multi-GPU points run on
+"<tp>xH200" (tensor parallel) or "pp<pp>:<pp x tp>xH200" (pipeline stages of one node).
 
     PYTHONPATH=. python benchmarks/gpu/validate.py            # table on stdout
     PYTHONPATH=. python benchmarks/gpu/validate.py --markdown # the table for docs
@@ -24,9 +25,12 @@ from wafersim.baseline.cluster import parse_cluster
 from wafersim.baseline.simulate import simulate_cluster
 
 RESULTS = Path(__file__).parent / "results"
-FILES = {"h100.jsonl": "1xH100", "h200.jsonl": "1xH200", "h200_70b.jsonl": "1xH200"}
+# measure_single.py's files hold one GPU's points; measure_multi.py's (system None) name each
+# point's tensor- and pipeline-parallel degrees in its config.
+FILES = {"h100.jsonl": "1xH100", "h200.jsonl": "1xH200", "h200_70b.jsonl": "1xH200",
+         "h200x2_single.jsonl": "1xH200", "h200x2.jsonl": None}
 ZOO = {"llama-3-8b": "llama3-8b", "llama-2-7b": "llama2-7b", "llama-2-13b": "llama2-13b",
-       "llama-3-70b-40l": "llama3-70b"}
+       "llama-3-70b-40l": "llama3-70b", "llama-3-70b": "llama3-70b"}
 LAYERS = {"llama-3-70b-40l": 40}  # a measured slice of the zoo model's layers
 END_TO_END = ("decode", "prefill", "decode_eager", "prefill_eager")
 
@@ -85,6 +89,12 @@ def _micro_step(graph, model: str, krecs: list[dict], micro: dict) -> float | No
     return total
 
 
+def _system(gpu: str, conf: dict) -> str:
+    short = gpu.split()[-1]  # "NVIDIA H200" -> "H200"
+    tp, pp = conf["tp"], conf["pp"]
+    return f"{tp}x{short}" if pp == 1 else f"pp{pp}:{pp * tp}x{short}"
+
+
 def points(results_dir: Path = RESULTS) -> list[dict]:
     """Every end-to-end measurement with its prediction and signed relative error, and the
     split of the absolute gap into matmuls (checked against the microbenchmarks at the same
@@ -94,7 +104,6 @@ def points(results_dir: Path = RESULTS) -> list[dict]:
         path = results_dir / fname
         if not path.exists():
             continue
-        cluster = parse_cluster(system)
         recs = [json.loads(line) for line in path.read_text().splitlines()]
         kpath = results_dir / fname.replace(".jsonl", "_kernels.jsonl")
         krecs = ([json.loads(line) for line in kpath.read_text().splitlines()]
@@ -105,6 +114,8 @@ def points(results_dir: Path = RESULTS) -> list[dict]:
             if rec["kind"] not in END_TO_END or "median_s" not in rec:
                 continue
             conf = rec["config"]
+            name = system or _system(rec["gpu"], conf)
+            cluster = parse_cluster(name)
             cfg = models.load_model(ZOO[conf["model"]])
             if conf["model"] in LAYERS:
                 n = LAYERS[conf["model"]]
@@ -121,7 +132,7 @@ def points(results_dir: Path = RESULTS) -> list[dict]:
             mm = _matmul_split(graph, cluster, micro)
             ms = _micro_step(graph, conf["model"], krecs, micro)
             out.append({
-                "system": system, "model": cfg.name, "kind": rec["kind"], "shape": shape,
+                "system": name, "model": cfg.name, "kind": rec["kind"], "shape": shape,
                 "measured_ms": rec["median_s"] * 1e3, "predicted_ms": res.makespan_s * 1e3,
                 "error": res.makespan_s / rec["median_s"] - 1.0,
                 "p10_ms": rec["p10_s"] * 1e3, "p90_ms": rec["p90_s"] * 1e3,
@@ -143,7 +154,7 @@ def table(rows: list[dict], markdown: bool) -> str:
     if markdown:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     else:
-        lines.append(f"{'system':8s} {'model':11s} {'step':14s} {'shape':16s} "
+        lines.append(f"{'system':11s} {'model':11s} {'step':14s} {'shape':16s} "
                      f"{'measured':>9s} {'predicted':>9s} {'error':>7s}")
     for r in rows:
         cells = [r["system"], r["model"], r["kind"], r["shape"], f"{r['measured_ms']:.3f}",
@@ -151,7 +162,7 @@ def table(rows: list[dict], markdown: bool) -> str:
         if markdown:
             lines.append("| " + " | ".join(cells) + " |")
         else:
-            lines.append(f"{cells[0]:8s} {cells[1]:11s} {cells[2]:14s} {cells[3]:16s} "
+            lines.append(f"{cells[0]:11s} {cells[1]:11s} {cells[2]:14s} {cells[3]:16s} "
                          f"{cells[4]:>9s} {cells[5]:>9s} {cells[6]:>7s}")
     return "\n".join(lines)
 
@@ -161,7 +172,7 @@ def gap_table(rows: list[dict]) -> str:
     microbenchmarks at the same shapes (no model); e2e - micro: what isolated kernels do not
     show; model - micro: the kernel models' own error on this step's kernels; matmul: the
     same for the matmuls alone."""
-    lines = [f"{'system':8s} {'model':11s} {'step':8s} {'shape':16s} {'measured':>8s} "
+    lines = [f"{'system':11s} {'model':11s} {'step':8s} {'shape':16s} {'measured':>8s} "
              f"{'sum-micro':>9s} {'e2e-micro':>9s} {'model-micro':>11s} {'matmul':>7s} "
              f"{'attn pred':>9s}   (ms)"]
     for r in rows:
@@ -169,7 +180,7 @@ def gap_table(rows: list[dict]) -> str:
             continue
         mm = (r["matmul_predicted_ms"] - r["matmul_measured_ms"]
               if r["matmul_measured_ms"] is not None else float("nan"))
-        lines.append(f"{r['system']:8s} {r['model']:11s} {r['kind']:8s} {r['shape']:16s} "
+        lines.append(f"{r['system']:11s} {r['model']:11s} {r['kind']:8s} {r['shape']:16s} "
                      f"{r['measured_ms']:8.3f} {r['micro_sum_ms']:9.3f} "
                      f"{r['measured_ms'] - r['micro_sum_ms']:9.3f} "
                      f"{r['predicted_ms'] - r['micro_sum_ms']:11.3f} {mm:7.3f} "
@@ -181,14 +192,14 @@ def ctx_growth(rows: list[dict]) -> str:
     """Decode time growth from ctx 512 to 2048 at fixed batch: everything but attention is
     the same work, so this isolates the attention kernels."""
     by = {(r["system"], r["model"], r["shape"]): r for r in rows if r["kind"] == "decode"}
-    lines = [f"{'system':8s} {'model':11s} {'batch':>5s} {'measured':>9s} {'predicted':>9s} "
+    lines = [f"{'system':11s} {'model':11s} {'batch':>5s} {'measured':>9s} {'predicted':>9s} "
              "  (ms added from ctx 512 to 2048)"]
     for (system, model, shape), r in by.items():
         if not shape.endswith("ctx=512"):
             continue
         other = by.get((system, model, shape.replace("ctx=512", "ctx=2048")))
         if other:
-            lines.append(f"{system:8s} {model:11s} {shape.split()[0][2:]:>5s} "
+            lines.append(f"{system:11s} {model:11s} {shape.split()[0][2:]:>5s} "
                          f"{other['measured_ms'] - r['measured_ms']:9.3f} "
                          f"{other['predicted_ms'] - r['predicted_ms']:9.3f}")
     return "\n".join(lines)
@@ -212,6 +223,11 @@ def main() -> None:
     print(table(graphs, args.markdown))
     print()
     print("CUDA-graph points (the validation target):", json.dumps(stats(graphs)))
+    for system in dict.fromkeys(r["system"] for r in graphs):
+        for kind in ("decode", "prefill"):
+            some = [r for r in graphs if r["system"] == system and r["kind"] == kind]
+            if some:
+                print(f"  {system} {kind}:", json.dumps(stats(some)))
     print()
     print(table(eager, args.markdown))
     print()

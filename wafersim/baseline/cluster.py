@@ -2,19 +2,21 @@
 
 Grammar (spaces ignored, GPU names any case)::
 
-    spec   := [ "dp" N ":" ] group { "+" group } { ";" DC "-" DC "=" LINK }
+    spec   := [ "dp" N ":" ] [ "pp" K ":" ] group { "+" group } { ";" DC "-" DC "=" LINK }
     group  := N "x" GPU [ "@" DC ]              one node of N GPUs
             | N "x(" M "x" GPU ")" [ "@" DC ]   N nodes of M GPUs each
 
-Examples: ``8xA100``, ``1xH100``, ``4xA100+4xH20``, ``dp2:8xH100``,
+Examples: ``8xA100``, ``1xH100``, ``4xA100+4xH20``, ``dp2:8xH100``, ``pp2:8xH100``,
 ``2x(8xH100)@dc1+1x(8x910B)@dc2;dc1-dc2=1000km``. LINK is a preset of links.LINKS
 (``ib-ndr``), ``wan:<km>`` or ``<km>km`` (a links.wan link of that length).
 
 Parallelism: tensor parallel inside a node (one scale-up fabric), pipeline parallel across
 nodes in the order written (one node = one stage; datacenters are crossed only at stage
-boundaries), and `dp` identical data-parallel replicas of that pipeline. Two nodes of one
-datacenter talk through their GPUs' NIC ports (the slower of the two); two datacenters next to
-each other in the pipeline need a link named after the ``;``.
+boundaries), and `dp` identical data-parallel replicas of that pipeline. ``ppK:`` cuts every
+node into K stages of equal tensor-parallel groups that pass the residual stream over the
+node's own fabric (``pp2:8xH100``: two stages of TP = 4; ``pp2:2xH200``: two of one GPU). Two
+nodes of one datacenter talk through their GPUs' NIC ports (the slower of the two); two
+datacenters next to each other in the pipeline need a link named after the ``;``.
 
 Mixed GPU types get uneven layer counts: `solve_split` gives each stage layers in proportion
 to its speed, never more than its GPUs' memory holds (weights + KV cache + activations).
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import networkx as nx
 
@@ -60,6 +62,7 @@ class Node:
     gpu: GPUSpec
     n_gpus: int
     datacenter: str = DEFAULT_DC
+    host: int | None = None  # stages cut from one node (ppK:) share its host and its fabric
 
     @property
     def intra_link(self) -> LinkSpec:
@@ -84,8 +87,10 @@ class ClusterSpec:
         return self.replicas * sum(n.n_gpus for n in self.nodes)
 
     def hop(self, i: int) -> tuple[str, LinkSpec]:
-        """Link class ("internode" or "interdc") and link from stage i to stage i+1."""
+        """Link class ("nvlink", "internode" or "interdc") and link from stage i to i+1."""
         a, b = self.nodes[i], self.nodes[i + 1]
+        if a.host is not None and a.host == b.host:
+            return "nvlink", a.intra_link
         if a.datacenter == b.datacenter:
             return "internode", min(a.nic, b.nic, key=lambda link: link.bw_Bps)
         return "interdc", self.dc_link(a.datacenter, b.datacenter)
@@ -112,6 +117,13 @@ def parse_cluster(spec: str) -> ClusterSpec:
             raise ClusterError(f"cluster spec token {m.group(0)!r}: replicas must be dp<N> "
                                "with N >= 1, e.g. dp2:8xH100")
         replicas, text = int(m.group(1)), text[m.end():]
+    stages = 1
+    m = re.match(r"^pp(\d*):", text, re.IGNORECASE)
+    if m:
+        if not m.group(1) or int(m.group(1)) < 2:
+            raise ClusterError(f"cluster spec token {m.group(0)!r}: stages per node must be "
+                               "pp<K> with K >= 2, e.g. pp2:8xH100")
+        stages, text = int(m.group(1)), text[m.end():]
     body, *link_tokens = text.split(";")
     if not body:
         raise ClusterError(f"cluster spec {spec!r}: no GPU groups; write e.g. {EXAMPLE}")
@@ -119,14 +131,21 @@ def parse_cluster(spec: str) -> ClusterSpec:
     named = []
     for token in body.split("+"):
         group, has_dc = _parse_group(token)
-        nodes.extend(group)
+        for node in group:
+            if node.n_gpus % stages:
+                raise ClusterError(f"cluster spec token {token!r}: pp{stages} needs a GPU "
+                                   f"count per node divisible by {stages}")
+            host = len(nodes) if stages > 1 else None
+            nodes.extend(replace(node, n_gpus=node.n_gpus // stages, host=host)
+                         for _ in range(stages))
         named.append((token, has_dc))
     if any(d for _, d in named) and not all(d for _, d in named):
         token = next(t for t, d in named if not d)
         raise ClusterError(f"cluster spec token {token!r}: name its datacenter (@<name>) "
                            "since other groups do")
     links = tuple(_parse_dclink(t) for t in link_tokens)
-    cluster = ClusterSpec(_normal_name(replicas, body, links), tuple(nodes), replicas, links)
+    cluster = ClusterSpec(_normal_name(replicas, stages, body, links), tuple(nodes), replicas,
+                          links)
     for i in range(len(nodes) - 1):
         cluster.hop(i)  # raises when adjacent datacenters have no link
     return cluster
@@ -175,7 +194,7 @@ def _parse_dclink(token: str) -> tuple[str, str, LinkSpec]:
     return m.group("a"), m.group("b"), link
 
 
-def _normal_name(replicas: int, body: str, links) -> str:
+def _normal_name(replicas: int, stages: int, body: str, links) -> str:
     groups = []
     for token in body.split("+"):
         m = _GROUP.match(token)
@@ -185,6 +204,7 @@ def _normal_name(replicas: int, body: str, links) -> str:
     name = "+".join(groups)
     if links:
         name += "".join(f";{a}-{b}={link.name}" for a, b, link in links)
+    name = f"pp{stages}:{name}" if stages > 1 else name
     return f"dp{replicas}:{name}" if replicas > 1 else name
 
 

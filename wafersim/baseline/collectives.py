@@ -4,13 +4,16 @@ Each function returns a `Collective`: its time in seconds and the bytes each par
 sends (every byte sent is received by exactly one other GPU, so sent == received summed over
 the group). `nbytes` is always the size of the full tensor on one GPU.
 
+Every call also pays the link's fixed cost per call, `collective_s` (written c below), and bw
+is the link's achievable rate (LinkSpec.rate_Bps).
+
 - ring all-reduce: reduce-scatter then all-gather around a ring of n GPUs;
-  time 2(n-1)/n * bytes/bw + 2(n-1) * alpha, each GPU sends 2(n-1)/n * bytes.
+  time c + 2(n-1)/n * bytes/bw + 2(n-1) * alpha, each GPU sends 2(n-1)/n * bytes.
 - tree all-reduce: reduce up a binary tree then broadcast down, not pipelined;
-  time 2 * ceil(log2 n) * (alpha + bytes/bw); 2(n-1) full-tensor messages in total (n-1 up,
-  n-1 down), spread evenly over the n GPUs in sent_per_gpu.
-- all-gather (ring): each GPU contributes bytes/n; time (n-1)/n * bytes/bw + (n-1) * alpha.
-- send/recv: alpha + bytes/bw, one sender.
+  time c + 2 * ceil(log2 n) * (alpha + bytes/bw); 2(n-1) full-tensor messages in total (n-1
+  up, n-1 down), spread evenly over the n GPUs in sent_per_gpu.
+- all-gather (ring): each GPU contributes bytes/n; time c + (n-1)/n * bytes/bw + (n-1) * alpha.
+- send/recv: c + alpha + bytes/bw, one sender.
 
 >>> from wafersim.baseline.links import LinkSpec
 >>> link = LinkSpec("x", bw_Bps=100.0, latency_s=1.0)
@@ -45,7 +48,8 @@ def ring_allreduce(nbytes: float, n: int, link: LinkSpec) -> Collective:
     if n <= 1 or nbytes <= 0:
         return Collective(0.0, (0.0,) * max(n, 0))
     per_gpu = 2 * (n - 1) / n * nbytes
-    return Collective(per_gpu / link.bw_Bps + 2 * (n - 1) * link.latency_s, (per_gpu,) * n)
+    return Collective(link.collective_s + per_gpu / link.rate_Bps + 2 * (n - 1) * link.latency_s,
+                      (per_gpu,) * n)
 
 
 def tree_allreduce(nbytes: float, n: int, link: LinkSpec) -> Collective:
@@ -53,7 +57,8 @@ def tree_allreduce(nbytes: float, n: int, link: LinkSpec) -> Collective:
         return Collective(0.0, (0.0,) * max(n, 0))
     depth = math.ceil(math.log2(n))
     sent = (2.0 * (n - 1) * nbytes / n,) * n
-    return Collective(2 * depth * (link.latency_s + nbytes / link.bw_Bps), sent)
+    return Collective(link.collective_s + 2 * depth * (link.latency_s + nbytes / link.rate_Bps),
+                      sent)
 
 
 def allreduce(nbytes: float, n: int, link: LinkSpec, algorithm: str = "auto") -> Collective:
@@ -72,7 +77,8 @@ def allgather(nbytes: float, n: int, link: LinkSpec) -> Collective:
     if n <= 1 or nbytes <= 0:
         return Collective(0.0, (0.0,) * max(n, 0))
     per_gpu = (n - 1) / n * nbytes
-    return Collective(per_gpu / link.bw_Bps + (n - 1) * link.latency_s, (per_gpu,) * n)
+    return Collective(link.collective_s + per_gpu / link.rate_Bps + (n - 1) * link.latency_s,
+                      (per_gpu,) * n)
 
 
 def send_recv(nbytes: float, link: LinkSpec) -> Collective:

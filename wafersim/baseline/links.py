@@ -3,7 +3,10 @@ links, as bandwidth per direction and a per-message latency (the alpha of alpha-
 
 Bandwidths are datasheet figures (cited in docs/gpu_baseline.md); latencies are typical
 one-way software-to-software figures and are all marked (check) there: override them with
-`dataclasses.replace` or build a LinkSpec of your own.
+`dataclasses.replace` or build a LinkSpec of your own. NVLink 4 also carries the fraction of
+its bandwidth and the fixed cost per NCCL call that this repo measured on two H200s
+(benchmarks/gpu/calibrate.py --nccl, results/h200x2.jsonl); other links, unmeasured, keep
+their datasheet bandwidth and no fixed cost.
 
 >>> LINKS["ib-ndr"].bw_Bps
 50000000000.0
@@ -22,30 +25,49 @@ FIBRE_S_PER_KM = 5e-6
 
 @dataclass(frozen=True)
 class LinkSpec:
-    """A link class: bytes/s in each direction (per GPU for scale-up fabrics, per port for
-    NICs, in total for a WAN link) and seconds of latency per message."""
+    """A link class: datasheet bytes/s in each direction (per GPU for scale-up fabrics, per
+    port for NICs, in total for a WAN link), seconds of latency per message (per step of a
+    collective), the fraction of the bandwidth that transfers reach, and a fixed cost per
+    collective or transfer call (the communication library's start and completion)."""
 
     name: str
     bw_Bps: float
     latency_s: float
+    achievable_frac: float = 1.0
+    collective_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.bw_Bps > 0:
             raise ValueError(f"LinkSpec {self.name}: bw_Bps={self.bw_Bps} must be > 0")
         if not self.latency_s >= 0:
             raise ValueError(f"LinkSpec {self.name}: latency_s={self.latency_s} must be >= 0")
+        if not 0 < self.achievable_frac <= 1:
+            raise ValueError(f"LinkSpec {self.name}: achievable_frac={self.achievable_frac} "
+                             "must be in (0, 1]")
+        if not self.collective_s >= 0:
+            raise ValueError(f"LinkSpec {self.name}: collective_s={self.collective_s} must be "
+                             ">= 0")
+
+    @property
+    def rate_Bps(self) -> float:
+        """Achievable bytes/s in each direction."""
+        return self.bw_Bps * self.achievable_frac
 
     def transfer_s(self, nbytes: float) -> float:
-        """alpha + bytes / beta for one message."""
-        return self.latency_s + nbytes / self.bw_Bps
+        """One call sending one message: fixed cost + alpha + bytes / beta."""
+        return self.collective_s + self.latency_s + nbytes / self.rate_Bps
 
 
 GB = 1e9
+# Fitted (calibrate.py --nccl) to the CUDA-graph NCCL all-reduce on two H200s, 8 KB - 256 MB
+# (results/h200x2.jsonl): NVLink 4's achievable fraction and NCCL's fixed cost per call.
+NVLINK4_FRAC = 0.598
+NCCL_COLLECTIVE_S = 9.96e-6
 LINKS: dict[str, LinkSpec] = {
     # NVLink 3 (A100): 600 GB/s total per GPU = 300 GB/s each way.
     "nvlink3": LinkSpec("nvlink3", 300 * GB, 1.0e-6),
     # NVLink 4 (H100/H200/H20): 900 GB/s total per GPU = 450 GB/s each way.
-    "nvlink4": LinkSpec("nvlink4", 450 * GB, 1.0e-6),
+    "nvlink4": LinkSpec("nvlink4", 450 * GB, 1.0e-6, NVLINK4_FRAC, NCCL_COLLECTIVE_S),
     # Huawei HCCS (Ascend 910B): about 392 GB/s total per chip (check) = 196 GB/s each way.
     "hccs": LinkSpec("hccs", 196 * GB, 1.5e-6),
     # PCIe x16: Gen4 16 GT/s, Gen5 32 GT/s per lane, 128b/130b coding.

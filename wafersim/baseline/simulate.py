@@ -1,10 +1,11 @@
 """simulate_cluster: one prefill or decode step of an op graph on a GPU cluster.
 
-Each pipeline stage (a node, tensor parallel inside) runs its layers' kernels in order, each
-timed by costs.work_kernel_time_s on its largest shard, with a Megatron all-reduce after o_proj
-and down_proj (alpha-beta, over the node's scale-up link). Between stages the residual stream
-crosses the NIC ports (or the datacenter link), split over the GPU pairs of the two stages, and
-is all-gathered inside the receiving node.
+Each pipeline stage (a node, or a part of one with ``ppK:``; tensor parallel inside) runs its
+layers' kernels in order, each timed by costs.work_kernel_time_s on its largest shard, with a
+Megatron all-reduce after o_proj and down_proj (alpha-beta, over the node's scale-up link).
+Between stages the residual stream crosses the NIC ports (the scale-up fabric between stages of
+one node, or the datacenter link), split over the GPU pairs of the two stages, and is
+all-gathered inside the receiving stage.
 
 Pipeline schedule: the batch is cut into `microbatches` equal parts (default 1) that flow
 through the stages in order; stage s starts micro-batch j when it has finished j-1 and j has
@@ -209,8 +210,9 @@ def simulate_cluster(graph: nx.DiGraph, cluster: ClusterSpec, *, cuda_graphs: bo
         a, b = nodes[s], nodes[s + 1]
         pairs = min(a.n_gpus, b.n_gpus)
         per_pair = plan.hidden_bytes / pairs
-        t = link.transfer_s(per_pair) if cls == "internode" else link.transfer_s(
-            plan.hidden_bytes)
+        # GPU pairs of two nodes (or of one node's stages) each carry a slice; a datacenter
+        # link carries the whole residual stream.
+        t = link.transfer_s(plan.hidden_bytes if cls == "interdc" else per_pair)
         gather = allgather(plan.hidden_bytes, b.n_gpus, b.intra_link)
         if b.n_gpus > 1:
             t += gather.time_s + costs.collective_overhead_s(b.gpu, cuda_graphs)
