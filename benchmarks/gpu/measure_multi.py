@@ -67,6 +67,7 @@ class Ctx:
         self.emit = (lambda kind, **f: writer(kind, unix_s=time.time(), **f)) if writer \
             else _quiet
         self._groups: dict[tuple[int, ...], object] = {}
+        self.active = None  # the group whose ranks time a measurement together (None: all)
 
     def group(self, ranks) -> object:
         """A process group of these ranks (created collectively by every rank)."""
@@ -78,7 +79,14 @@ class Ctx:
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
-        dist.barrier()
+        dist.barrier(group=self.active)
+
+    def among(self, ranks) -> bool:
+        """Make the group of `ranks` the active one; False for a rank outside it (which then
+        sits the measurement out)."""
+        group = self.group(ranks)
+        self.active = group if self.rank in ranks else None
+        return self.rank in ranks
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -133,10 +141,10 @@ def timed_loop(fn, ctx: Ctx, reps: int, warmup: int, iters: int = 1) -> list[flo
 
 
 def slowest(ctx: Ctx, seconds: float) -> float:
-    """The largest of every rank's figure (all ranks must call)."""
+    """The largest of the active group's figures (every rank of it must call)."""
     t = torch.tensor([seconds], dtype=torch.float64,
                      device=ctx.device if ctx.cuda else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.active)
     return float(t.item())
 
 
@@ -153,9 +161,9 @@ def bench_nccl(ctx: Ctx, which: tuple[tuple[str, str], ...]) -> None:
         if n > ctx.world:
             continue
         ranks = list(range(n))
-        group = ctx.group(ranks)
-        if ctx.rank not in ranks:
+        if not ctx.among(ranks):
             continue
+        group = ctx.active
         for nbytes in sizes:
             numel = nbytes // 2
             x = torch.ones(numel, dtype=DTYPE, device=ctx.device)
@@ -335,10 +343,9 @@ def _full_reference(cfg, seed: int = 0) -> ms.Llama:
 
 
 def bench_tp(ctx: Ctx, cfg: ms.LlamaShape, tp: int) -> None:
-    ranks = list(range(tp))
-    group = ctx.group(ranks)
-    if ctx.rank not in ranks:
+    if not ctx.among(range(tp)):
         return
+    group = ctx.active
     t0 = time.perf_counter()
     full = _full_reference(cfg) if ctx.smoke else None
     torch.manual_seed(1 + ctx.rank)
@@ -398,6 +405,7 @@ def bench_pp(ctx: Ctx, cfg: ms.LlamaShape, pp: int) -> None:
     stage, i = divmod(ctx.rank, tp)
     tp_groups = [ctx.group(range(s * tp, (s + 1) * tp)) for s in range(pp)]
     group = tp_groups[stage]
+    ctx.among(range(ctx.world))
     per = [cfg.num_hidden_layers // pp + (s < cfg.num_hidden_layers % pp) for s in range(pp)]
     first = sum(per[:stage])
     t0 = time.perf_counter()
@@ -525,6 +533,7 @@ def worker(rank: int, world: int, args) -> None:
             fn()
         except Exception as exc:  # one broken section must not lose the rest
             ctx.emit("error", section=name, error=repr(exc)[:500])
+        ctx.active = None
         ms.free(device)
         ctx.sync()
         ctx.emit("section_done", section=name, wall_s=time.perf_counter() - t0)
@@ -535,16 +544,17 @@ def worker(rank: int, world: int, args) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSONL file to append results to")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, 2 processes")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (gloo)")
     ap.add_argument("--sections", default="nccl,tp,pp", help="subset of nccl,tp,pp")
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS),
                     help=f"comma-separated, of {','.join(MODELS)}")
-    ap.add_argument("--gpus", type=int, default=0, help="GPUs to use (default: all)")
+    ap.add_argument("--gpus", type=int, default=0,
+                    help="GPUs to use (default: all; with --smoke, processes, default 2)")
     ap.add_argument("--port", type=int, default=29517)
     ap.add_argument("--timeout", type=float, default=120.0,
                     help="seconds a collective may wait before the run aborts")
     args = ap.parse_args(argv)
-    world = 2 if args.smoke else (args.gpus or torch.cuda.device_count())
+    world = args.gpus or (2 if args.smoke else torch.cuda.device_count())
     if world < 2:
         print("measure_multi needs at least 2 GPUs (or --smoke)", file=sys.stderr)
         return 2
