@@ -14,7 +14,8 @@ Passes (pure functions; the data flows top to bottom):
 - `partition`: the region shape every layer runs on and how many regions the layers are
   spread over, by policy (below), checked against SRAM with `memory_per_core`;
 - `place`: regions tiled over the wafer in serpentine order (consecutive regions touch),
-  layers split over them, the embedding table on the first and the LM head on the last;
+  layers split over them, the embedding table on the first and the LM head on the last (or,
+  in the tight fallback below, a slice of each on every region);
 - `lower`: per-core instruction streams. Each region's cores run [receive h | embed] ->
   one layer, looped once per layer the region holds -> [send h on | norm, LM head, argmax].
   Every layer of a region runs the same instructions on its own weights (tensor names
@@ -30,6 +31,16 @@ Policies (each searches the grids of equal regions that tile the wafer and fit i
 - "pipeline": as many regions as fit (at most one per layer, plus one for each vocabulary table
   where a table needs a region of its own), so layers are stacked as little as possible.
 - "largest": the largest regions that fit (fewest regions, most stacking).
+
+Where no grid fits, the partition falls back to "tight" placements (`region_caps`): each
+vocabulary table is spread over all the regions, a slice of its rows each, so it no longer
+costs one region a whole layer or more, and the estimate keeps no reserve (the exact check
+after lowering decides). A spread embedding looks each id up in every slice and sums the
+partial rows region to region into the first; a spread head sends the normalised h back
+region to region, each region computes its slice's logits and argmax, and the (value, id)
+pairs are reduced along the same chain (`_embed_spread`, `_head_spread`). Qwen2-72B over four
+WSE-3s needs it on its first and last wafer (docs/multiwafer.md). A model that fits without it
+keeps its placement.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import networkx as nx
 import numpy as np
@@ -75,8 +86,10 @@ POLICIES = ("waferllm", "pipeline", "largest")
 # The GEMV reductions compiler.estimate models (meshgemv's "pipeline" runs in `wafersim op`).
 MODEL_GEMV_ALGOS = ("meshgemv", "ring")
 LAYER = "layers.{l}"
-LOOP, EPI = 1_000_000, 2_000_000  # steps: prologue < LOOP <= layer loop < EPI <= epilogue
+# Steps: TABLES <= spread tables' lookups < 0 <= prologue < LOOP <= layer loop < EPI <= epilogue.
+TABLES, LOOP, EPI = -1_000_000, 1_000_000, 2_000_000
 RETRIES = 4  # placements tried when the exact SRAM check refuses the estimate's choice
+RESERVE = 0.97  # share of SRAM the partition's estimate fills (the rest covers its error)
 
 
 @dataclass(frozen=True)
@@ -182,8 +195,9 @@ def compile_model(graph: nx.DiGraph, target: MeshTarget,
     # decides. A placement the estimate let through but the check refuses gives way to the
     # next one (a few at most).
     error = None
-    for rows, cols, counts in partition(cfg, target, batch, capacity, options, s)[:RETRIES]:
-        placements = place(target, rows, cols, counts, options.ends)
+    for rows, cols, counts, tight in partition(cfg, target, batch, capacity, options,
+                                               s)[:RETRIES]:
+        placements = place(target, rows, cols, counts, options.ends, tight)
         slots = math.ceil(capacity / cols)
         code = lower(cfg, target.width, target.height, placements, batch, ctx, slots, options)
         if not s.dense:  # the same numbers, stored and moved in fewer bytes
@@ -206,12 +220,12 @@ def compile_model(graph: nx.DiGraph, target: MeshTarget,
                   sram_mean_bytes=float(sram[sram > 0].mean()),
                   max_ctx=int(per_core * cols) - 1,
                   max_batch=max_batch(cfg, target, rows, cols, len(counts), capacity, batch, s,
-                                      options.ends),
+                                      options.ends, tight),
                   **kvcache.report(cols, per_core, ctx))
     if not s.dense:  # the same placement, stored dense: the program's own buffer sizes
         memory["quant"] = dict(scheme=s.label(), **capacity_gain(
             cfg, target, rows, cols, placements, batch, capacity, slots, options,
-            {"dense": int(code.sram_per_core().max()), "quant": int(sram.max())}, s))
+            {"dense": int(code.sram_per_core().max()), "quant": int(sram.max())}, s, tight))
     return CompiledModel(code, cfg, target, options, phase, batch, ctx, slots,
                          tuple(placements), memory)
 
@@ -230,7 +244,7 @@ def scheme_of(cfg: ModelConfig, phase: str, options: CompileOptions) -> Scheme:
 
 def capacity_gain(cfg: ModelConfig, target: MeshTarget, rows: int, cols: int, placements,
                   batch: int, capacity: int, slots: int, options: CompileOptions,
-                  sram_max: dict, s: Scheme) -> dict:
+                  sram_max: dict, s: Scheme, tight: bool = False) -> dict:
     """What scheme `s` buys on this placement, stored in the model's dtype ("dense") and as `s`
     ("quant"), from the busiest core's SRAM of each (`sram_max`): whether it fits (dense and not
     here: on any placement, by the partition's estimate), the largest context (as
@@ -246,8 +260,8 @@ def capacity_gain(cfg: ModelConfig, target: MeshTarget, rows: int, cols: int, pl
                                                        options.ends)),
             max_ctx=(slots + free // slot_bytes(cfg, rows, layers, batch, sch)) * cols - 1
             if here else None,
-            max_batch=max_batch(cfg, target, rows, cols, n, capacity, batch, sch, options.ends)
-            if here else None)
+            max_batch=max_batch(cfg, target, rows, cols, n, capacity, batch, sch, options.ends,
+                                tight) if here else None)
     return out
 
 
@@ -348,10 +362,12 @@ def _vectors(cfg: ModelConfig, rows: int, cols: int) -> int:
     return elems
 
 
+@lru_cache(maxsize=8192)
 def layer_bytes(cfg: ModelConfig, rows: int, cols: int, batch: int, slots: int,
                 s: Scheme | None = None) -> int:
     """Bytes one layer puts on the busiest core of a region: weight tiles (as `s` stores them),
-    norms, biases, its caches."""
+    norms, biases, its caches. (Cached: the partitions of a model over several wafers ask for
+    every region shape several times.)"""
     s = _scheme(cfg, s)
     tiles = [_tile(k, n, axis, rows, cols) for k, n, axis in _matrices(cfg)[4:]]
     # q, k, v and o follow the head layout: a row may hold more of them than an even share.
@@ -372,31 +388,36 @@ def _gemv_scratch(k: int, n: int, axis: str, rows: int, cols: int) -> int:
     return math.ceil(k / min(kr, k)) + 2 * math.ceil(n / min(nr, n))
 
 
-def scratch_bytes(cfg: ModelConfig, rows: int, cols: int, batch: int, head: bool) -> int:
+def scratch_bytes(cfg: ModelConfig, rows: int, cols: int, batch: int, head: bool,
+                  parts: int = 1) -> int:
     """Estimated activation (scratch) bytes on a core of a layer region, reused by every layer:
     twice the GEMVs' buffers (norms, attention and residuals add about as much again, as
-    measured on LLaMA shapes); plus the LM head's logits when the region holds it. The exact
-    figure is checked after lowering."""
+    measured on LLaMA shapes); plus the LM head's logits when the region holds the head (or,
+    spread over `parts` regions, its slice). The exact figure is checked after lowering."""
     elems = 2 * sum(_gemv_scratch(k, n, axis, rows, cols) for k, n, axis in _matrices(cfg))
     if head:
-        elems += _gemv_scratch(cfg.hidden_size, cfg.vocab_size, "cols", rows, cols)
+        elems += _gemv_scratch(cfg.hidden_size, math.ceil(cfg.vocab_size / parts), "cols",
+                               rows, cols)
     return math.ceil(elems * batch * DTYPE_BYTES[cfg.dtype])
 
 
 def table_bytes(cfg: ModelConfig, rows: int, cols: int, head: bool = False,
-                s: Scheme | None = None) -> int:
+                s: Scheme | None = None, parts: int = 1) -> int:
     """Bytes of the first region's tables (the embedding, and a learned position table) or,
     with `head`, of the last region's (the LM head, a tied one stored as its own copy, and
-    the final norm) on the busiest core of a region, as `s` stores them."""
+    the final norm) on the busiest core of a region, as `s` stores them; with `parts`, of
+    one region's slice where the tables are spread over that many regions (`spread_tables`)."""
     s, d = _scheme(cfg, s), cfg.hidden_size
     if head:
-        return int(stored_bytes(s, HEAD, *_tile(d, cfg.vocab_size, "cols", rows, cols))) + \
+        return int(stored_bytes(s, HEAD, *_tile(d, math.ceil(cfg.vocab_size / parts), "cols",
+                                                rows, cols))) + \
             math.ceil((2 if cfg.norm == "layernorm" else 1) * math.ceil(d / cols)
                       * DTYPE_BYTES[cfg.dtype])
-    out = int(stored_bytes(s, TABLE, *_tile(cfg.vocab_size, d, "rows", rows, cols)))
+    out = int(stored_bytes(s, TABLE, *_tile(math.ceil(cfg.vocab_size / parts), d, "rows", rows,
+                                            cols)))
     if cfg.position == "learned":
-        out += int(stored_bytes(s, TABLE, *_tile(cfg.max_position_embeddings, d, "rows", rows,
-                                                 cols)))
+        out += int(stored_bytes(s, TABLE, *_tile(math.ceil(cfg.max_position_embeddings / parts),
+                                                 d, "rows", rows, cols)))
     return out
 
 
@@ -420,33 +441,50 @@ def _max_rows(cfg: ModelConfig) -> int:
     return cfg.num_key_value_heads * cfg.head_dim // 2
 
 
-def region_caps(cfg, target, rows, cols, n, batch, capacity, s=None, ends=(True, True)):
+def spread_tables(cfg: ModelConfig, rows: int, n: int) -> bool:
+    """Whether n regions of `rows` rows can share the vocabulary tables, each region holding
+    a slice of at least a row per core row (of the position table too, where it has one)."""
+    vocab = min(cfg.vocab_size, cfg.max_position_embeddings if cfg.position == "learned"
+                else cfg.vocab_size)
+    return n > 1 and vocab // n >= rows
+
+
+def region_caps(cfg, target, rows, cols, n, batch, capacity, s=None, ends=(True, True),
+                tight=False):
     """The most layers each of n regions of rows x cols holds by estimate (None: the tables
     and activations alone do not fit). `ends`: whether the step holds the embedding and the
-    head (CompileOptions.ends)."""
-    limit = 0.97 * target.sram_bytes  # the estimate's margin; checked exactly after lowering
+    head (CompileOptions.ends). `tight`: the partition's fallback where nothing fits
+    otherwise: the tables spread over all n regions (a slice of the vocabulary each) and no
+    reserve kept for the estimate's error (the exact check after lowering decides)."""
+    if tight and not spread_tables(cfg, rows, n):
+        return None
+    limit = (1.0 if tight else RESERVE) * target.sram_bytes
+    parts = n if tight else 1
     per = layer_bytes(cfg, rows, cols, batch, math.ceil(capacity / cols), s)
-    embed = table_bytes(cfg, rows, cols, s=s) if ends[0] else 0
-    head = table_bytes(cfg, rows, cols, True, s) if ends[1] else 0
+    embed = table_bytes(cfg, rows, cols, s=s, parts=parts) if ends[0] else 0
     scratch = scratch_bytes(cfg, rows, cols, batch, False)
-    extra = [scratch + embed * (k == 0) for k in range(n)]
-    extra[-1] += head + (scratch_bytes(cfg, rows, cols, batch, True) - scratch) * ends[1]
+    head = (table_bytes(cfg, rows, cols, True, s, parts)
+            + scratch_bytes(cfg, rows, cols, batch, True, parts) - scratch) if ends[1] else 0
+    extra = [scratch + embed * (tight or k == 0) + head * (tight or k == n - 1)
+             for k in range(n)]
     if max(extra) > limit:
         return None
     return [int((limit - e) // per) for e in extra]
 
 
-def _counts(cfg, target, rows, cols, n, batch, capacity, s=None, ends=(True, True)):
+def _counts(cfg, target, rows, cols, n, batch, capacity, s=None, ends=(True, True),
+            tight=False):
     """Layer counts for n regions of rows x cols, or None when they do not fit."""
-    caps = region_caps(cfg, target, rows, cols, n, batch, capacity, s, ends)
+    caps = region_caps(cfg, target, rows, cols, n, batch, capacity, s, ends, tight)
     return None if caps is None else distribute(cfg.num_hidden_layers, caps)
 
 
 def max_batch(cfg: ModelConfig, target: MeshTarget, rows: int, cols: int, n: int,
-              capacity: int, batch: int, s: Scheme | None = None, ends=(True, True)) -> int:
+              capacity: int, batch: int, s: Scheme | None = None, ends=(True, True),
+              tight: bool = False) -> int:
     """The largest batch whose KV caches and activations fit n regions of rows x cols at this
     capacity, by the partition's estimate (at least `batch`, which was checked exactly)."""
-    return _largest(lambda b: _counts(cfg, target, rows, cols, n, b, capacity, s, ends)
+    return _largest(lambda b: _counts(cfg, target, rows, cols, n, b, capacity, s, ends, tight)
                     is not None, batch)
 
 
@@ -490,11 +528,11 @@ def policy_key(policy: str, counts: list[int], size: int) -> tuple:
 
 
 def _candidates(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
-                s: Scheme | None = None, ends=(True, True)):
+                s: Scheme | None = None, ends=(True, True), tight: bool = False):
     """(rows, cols, layers per region) of the grids of equal regions that tile the wafer and
-    fit its SRAM by estimate, one by one."""
+    fit its SRAM by estimate (`tight`: as region_caps says), one by one."""
     for rows, cols, n in grids(cfg, target):
-        counts = _counts(cfg, target, rows, cols, n, batch, capacity, s, ends)
+        counts = _counts(cfg, target, rows, cols, n, batch, capacity, s, ends, tight)
         if counts:
             yield rows, cols, tuple(counts)
 
@@ -513,21 +551,29 @@ def grids(cfg: ModelConfig, target: MeshTarget):
 
 def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
               options: CompileOptions, s: Scheme | None = None
-              ) -> list[tuple[int, int, list[int]]]:
-    """(rows, cols, layers per region) of the placements the policy allows, best first, among
-    the grids of regions that tile the wafer and fit its SRAM by estimate (weights and caches
-    stored as `s` stores them). waferllm: by least estimated step time (compiler.estimate, in
-    closed form from the target and the lowering, as WaferLLM sweeps its grid size P)."""
+              ) -> list[tuple[int, int, list[int], bool]]:
+    """(rows, cols, layers per region, tight) of the placements the policy allows, best first,
+    among the grids of regions that tile the wafer and fit its SRAM by estimate (weights and
+    caches stored as `s` stores them). waferllm: by least estimated step time
+    (compiler.estimate, in closed form from the target and the lowering, as WaferLLM sweeps
+    its grid size P). Only where no placement fits are the `tight` ones tried (region_caps:
+    the vocabulary tables spread over every region, no reserve), so a model that fits keeps
+    its placement."""
     L, ends = cfg.num_hidden_layers, options.ends
     if options.region is not None:
         rows, cols = options.region
         n = forced_regions(target, rows, cols, L)
-        counts = _counts(cfg, target, rows, cols, n, batch, capacity, s, ends)
-        if counts is None:
-            raise ProgramError(f"{cfg.name} does not fit {n} regions of {rows}x{cols} (rows x "
-                               f"cols) cores: {target.sram_bytes:,} B of SRAM per core")
-        return [(rows, cols, counts)]
+        for tight in (False, True):
+            counts = _counts(cfg, target, rows, cols, n, batch, capacity, s, ends, tight)
+            if counts is not None:
+                return [(rows, cols, counts, tight)]
+        raise ProgramError(f"{cfg.name} does not fit {n} regions of {rows}x{cols} (rows x "
+                           f"cols) cores: {target.sram_bytes:,} B of SRAM per core")
+    tight = False
     candidates = dict.fromkeys(_candidates(cfg, target, batch, capacity, s, ends))
+    if not candidates:
+        tight = True
+        candidates = dict.fromkeys(_candidates(cfg, target, batch, capacity, s, ends, True))
     if not candidates:
         need = (L * layer_bytes(cfg, 1, 1, batch, capacity, s)
                 + table_bytes(cfg, 1, 1, s=s) * ends[0] + table_bytes(cfg, 1, 1, True, s) * ends[1])
@@ -544,16 +590,17 @@ def partition(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
         return (-step_cycles(cfg, target, rows, cols, list(counts), batch, slots, options.algo,
                              options.levels, s, ends), -len(counts))
 
-    return [(rows, cols, list(counts)) for rows, cols, counts in
+    return [(rows, cols, list(counts), tight) for rows, cols, counts in
             sorted(candidates, key=key, reverse=True)]
 
 
 # ---- place -------------------------------------------------------------------------------
 
 def place(target: MeshTarget, rows: int, cols: int, counts: list[int],
-          ends: tuple[bool, bool] = (True, True)) -> list[Placement]:
+          ends: tuple[bool, bool] = (True, True), spread: bool = False) -> list[Placement]:
     """Regions in serpentine order over the wafer's grid of rows x cols blocks; the embedding
-    on the first and the head on the last, where the step holds them (`ends`)."""
+    on the first and the head on the last, where the step holds them (`ends`), or, `spread`,
+    a slice of each on every region."""
     per_row = target.width // cols
     n = len(counts)
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -563,7 +610,8 @@ def place(target: MeshTarget, rows: int, cols: int, counts: list[int],
         if by % 2:
             bx = per_row - 1 - bx
         out.append(Placement(Region(rows, cols, bx * cols, by * rows), int(first[k]),
-                             int(counts[k]), k == 0 and ends[0], k == n - 1 and ends[1]))
+                             int(counts[k]), ends[0] and (spread or k == 0),
+                             ends[1] and (spread or k == n - 1)))
     return out
 
 
@@ -608,22 +656,28 @@ def lower(cfg: ModelConfig, width: int, height: int, placements, batch: int, ctx
     base = np.zeros(width * height, np.int64)
     offsets, bind = [], []
     prev = None
+    regions = [p.region for p in placements]
+    spread = [sum(p.embed for p in placements) > 1, sum(p.head for p in placements) > 1]
     for k, p in enumerate(placements):
         reg = p.region
-        if p.embed:
-            h, _ = _embed(glue, reg, cfg, batch, ctx, lv, kw)
-        elif prev is None:  # a pipeline stage's first region: h comes from the last wafer
-            h = _enter(glue, reg, d, batch, lv)
-        else:
+        if prev is not None:
             h = _receive(glue, prev, reg, d, batch, lv, k)
+        elif spread[0]:
+            h = _embed_spread(glue, regions, cfg, batch, ctx, lv, kw)
+        elif p.embed:
+            h, _ = _embed(glue, reg, cfg, batch, ctx, lv, kw)
+        else:  # a pipeline stage's first region: h comes from the last wafer
+            h = _enter(glue, reg, d, batch, lv)
         prev = (reg, h)
         if p.count:
             cores = reg.cores(width)
             offsets.append(int(cores[0, 0] - grid[0, 0]))
             bind.append(np.asarray(h).ravel())
             count[cores.ravel()], base[cores.ravel()] = p.count, p.first
-        if p.head:
+        if p.head and not spread[1]:
             _head(glue, reg, cfg, h, batch, lv, kw)
+    if spread[1]:
+        _head_spread(glue, regions, cfg, h, batch, lv, kw)
     if not placements[-1].head:  # a pipeline stage: h leaves for the next wafer
         _leave(glue, placements[-1].region, h, d, batch)
     glue = glue.build(loop=(LOOP, EPI, count, base))
@@ -642,17 +696,27 @@ def _carry(bld, grid, h_out, h_in, step):
                 a=np.asarray(h_out).ravel())
 
 
-def _embed(bld, reg: Region, cfg: ModelConfig, batch: int, ctx: int, levels: int, kw):
+def _part(total: int, lines: int, part: tuple[int, int]):
+    """(starts, sizes) over `lines` lines of slice part[0] of `total` cut into part[1] slices."""
+    v0, vs = split(total, part[1])
+    v0, vs = int(v0[part[0]]), int(vs[part[0]])
+    starts, sizes = split(vs, min(lines, vs))
+    return v0 + starts, sizes
+
+
+def _embed(bld, reg: Region, cfg: ModelConfig, batch: int, ctx: int, levels: int, kw,
+           part: tuple[int, int] = (0, 1), step: int = 0):
     """Token ids enter at the region's corner, are broadcast, and look up their rows. With
     learned positions, every core also looks up row `ctx` (a compile-time constant, so no ids
-    move) of the position table, split like the embedding, and the two rows are added."""
+    move) of the position table, split like the embedding, and the two rows are added.
+    `part` = (k, n): the region holds slice k of n of each table's rows, and h is its partial
+    sum (zero unless the slice holds the row)."""
     grid = reg.cores(bld.width)
     rows, cols = grid.shape
     tid = bld.tensor("ids", batch, 1)
     ids = np.full(grid.shape, -1, np.int64)
     ids[0, 0] = bld.buffers(grid[0, 0], batch, 1, INPUT, tid)[0]
     nb = np.array([int(math.ceil(batch * DTYPE_BYTES[bld.dtype]))])
-    step = 0
     if cols > 1:
         ids[0, 1:] = bld.buffers(grid[0, 1:], batch, 1)
         step = line_broadcast(bld, grid[:1], 0, ids[:1, 0], ids[:1], step, levels, nb)
@@ -661,20 +725,79 @@ def _embed(bld, reg: Region, cfg: ModelConfig, batch: int, ctx: int, levels: int
         step = line_broadcast(bld, grid.T, 0, ids[0, :], ids.T, step, levels,
                               np.repeat(nb, cols))
     h, step = gemv(bld, reg, batch, cfg.vocab_size, cfg.hidden_size, k_axis="rows", x=ids,
-                   names=(None, "embed", None), lookup=True, step=step, **kw)
+                   names=(None, "embed", None), lookup=True, step=step,
+                   k_split=_part(cfg.vocab_size, rows, part), **kw)
     if cfg.position != "learned":
         return h, step
     pos = bld.buffers(grid.ravel(), batch, 1).reshape(grid.shape)
     bld.compute(grid.ravel(), step, OP_FILL, c=pos.ravel(), imm=(float(ctx), 0.0))
     p, step = gemv(bld, reg, batch, cfg.max_position_embeddings, cfg.hidden_size,
                    k_axis="rows", x=pos, names=(None, "pos_embed", None), lookup=True,
-                   step=step + 1, **kw)
+                   step=step + 1, k_split=_part(cfg.max_position_embeddings, rows, part), **kw)
     held = np.asarray(h) >= 0
     out = np.full(grid.shape, -1, np.int64)
     out[held] = bld.like(np.asarray(h)[held])
     bld.compute(grid[held], step, OP_ADD, c=out[held], a=np.asarray(h)[held],
                 b=np.asarray(p)[held])
     return out, step + 1
+
+
+def _crossings(reg: Region):
+    """(rows, columns) of the cores where column j's chunk of h crosses between two
+    neighbouring regions of a chain: row j % rows, as side-by-side hand-offs cross."""
+    cols = np.arange(reg.cols)
+    return cols % reg.rows, cols
+
+
+def _chain(bld, regions, bufs, step: int, levels: int, nbytes, op: int = -1):
+    """Pass column chunks from region to region, last to first, over the crossing cores
+    (`_crossings`; bufs[k]: region k's buffers there). Region k receives into bufs[k] at
+    `step` or, with `op`, combines what it receives with bufs[k] into new buffers at
+    step + 1; it sends on at step + 2. Returns each region's buffers after the pass (region
+    0's: the chain's result)."""
+    r, c = _crossings(regions[0])
+    out = list(bufs)
+    for k in range(len(regions) - 2, -1, -1):
+        src, dst = regions[k + 1].cores(bld.width)[r, c], regions[k].cores(bld.width)[r, c]
+        msgs = bld.messages(src, dst, nbytes, levels + 3)
+        bld.send(src, step + 2, msgs, out[k + 1])
+        got = bufs[k] if op < 0 else bld.like(bufs[k])
+        bld.recv(dst, step, msgs, got)
+        if op >= 0:
+            out[k] = bld.like(got)
+            bld.compute(dst, step + 1, op, c=out[k], a=bufs[k], b=got)
+    return out
+
+
+def _down_columns(bld, reg: Region, h, step: int, levels: int, nbytes) -> int:
+    """Broadcast h's crossing-row chunks (`_crossings`) down (and up) their columns."""
+    grid = reg.cores(bld.width)
+    r, _ = _crossings(reg)
+    for rr in np.unique(r):
+        which = np.flatnonzero(r == rr)
+        step = max(step, line_broadcast(bld, grid.T[which], int(rr), h[rr, which], h.T[which],
+                                        step, levels, nbytes[which]))
+    return step
+
+
+def _embed_spread(bld, regions, cfg: ModelConfig, batch: int, ctx: int, levels: int, kw):
+    """The embedding (and a learned position table) spread over every region, a slice of
+    the rows each: every region looks its ids up in its slice (`_embed` with `part`), the
+    partial sums go from region to region to the first (`_chain`), which broadcasts h down
+    its columns. Runs before every region's own steps (TABLES <= step < 0)."""
+    n, d = len(regions), cfg.hidden_size
+    parts = [_embed(bld, reg, cfg, batch, ctx, levels, kw, (k, n), TABLES)
+             for k, reg in enumerate(regions)]
+    step = max(s for _, s in parts)
+    r, c = _crossings(regions[0])
+    nbytes = np.ceil(batch * split(d, len(c))[1] * DTYPE_BYTES[bld.dtype]).astype(np.int64)
+    sums = _chain(bld, regions, [np.asarray(h)[r, c] for h, _ in parts], step, levels, nbytes,
+                  OP_ADD)
+    h = np.array(parts[0][0])
+    h[r, c] = sums[0]
+    if _down_columns(bld, regions[0], h, step + 3, levels, nbytes) >= 0:
+        raise ProgramError("spread embedding too long for the step ranges")
+    return h
 
 
 def _receive(bld, prev, reg: Region, d: int, batch: int, levels: int, k: int):
@@ -738,16 +861,53 @@ def _head(bld, reg: Region, cfg: ModelConfig, h, batch: int, levels: int, kw):
     _argmax(bld, grid, logits, cfg.vocab_size, batch, step, levels)
 
 
-def _argmax(bld, grid, logits, vocab: int, batch: int, step: int, levels: int) -> None:
-    """Greedy sampling of logits split over the rows of `grid` (a k_axis="cols" GEMV's output):
-    output "next" [batch, 2] (value, token id)."""
+def _head_spread(bld, regions, cfg: ModelConfig, h, batch: int, levels: int, kw) -> None:
+    """The LM head spread over every region, a slice of the vocabulary each: the last region
+    normalises h, the normalised h goes from region to region back to the first (`_chain`, each
+    broadcasting it down its columns), every region computes its slice's logits and their
+    argmax, and the (value, id) pairs go the same way, the better one kept at each region."""
+    n, d = len(regions), cfg.hidden_size
+    xn, step = norm(cfg.norm, bld, regions[-1], h, batch, d, "final_norm", cfg.norm_eps,
+                    levels=levels, step=EPI + 10)
+    r, c = _crossings(regions[0])
+    nbytes = np.ceil(batch * split(d, len(c))[1] * DTYPE_BYTES[bld.dtype]).astype(np.int64)
+    xs = [_hidden(bld, reg.cores(bld.width), d, batch) for reg in regions[:-1]] + [xn]
+    _chain(bld, regions, [np.asarray(x)[r, c] for x in xs], step, levels, nbytes)
+    step = max(_down_columns(bld, reg, np.asarray(x), step + 3, levels, nbytes)
+               for reg, x in zip(regions[:-1], xs[:-1]))
+    best, cores, s = [], [], step
+    for k, (reg, x) in enumerate(zip(regions, xs)):
+        starts, sizes = _part(cfg.vocab_size, reg.rows, (k, n))
+        logits, at = gemv(bld, reg, batch, d, cfg.vocab_size, k_axis="cols", x=x,
+                          names=(None, "lm_head", "logits"), allreduce=False, step=step,
+                          n_split=(starts, sizes), **kw)
+        core, buf, at = _best(bld, reg.cores(bld.width), logits, starts, batch, at, levels)
+        best.append(buf)
+        cores.append(core)
+        s = max(s, at)
+    # The pairs meet at each region's own argmax root, not at the crossing cores.
+    run = best[-1]
+    nb = math.ceil(batch * (DTYPE_BYTES[bld.dtype] + 4))
+    for k in range(n - 2, -1, -1):
+        msg = bld.messages(cores[k + 1], cores[k], nb, levels + 3)
+        bld.send(cores[k + 1], s + 2, msg, run)
+        got = bld.like(best[k])
+        bld.recv(cores[k], s, msg, got)
+        run = bld.like(best[k])
+        bld.compute(cores[k], s + 1, OP_ARGMAX2, c=run, a=best[k], b=got)
+    bld.mark(run, OUTPUT, bld.tensor("next", batch, 2))
+
+
+def _best(bld, grid, logits, starts, batch: int, step: int, levels: int):
+    """Argmax of logits split over the rows of `grid` (a k_axis="cols" GEMV's output; row i's
+    chunk starts at token starts[i]): (core, its [batch, 2] buffer (value, token id), next
+    step)."""
     # Each row's reduction root holds its logits chunk; argmax there, then along the roots.
     held = np.asarray(logits) >= 0
     roots_r, roots_c = np.nonzero(held)
-    n0, _ = split(vocab, min(grid.shape[0], vocab))
     cores = grid[roots_r, roots_c]
     best = bld.buffers(cores, batch, 2)
-    bld.compute(cores, step, OP_ARGMAX, c=best, a=logits[held], imm=(n0[roots_r], 0.0))
+    bld.compute(cores, step, OP_ARGMAX, c=best, a=logits[held], imm=(starts[roots_r], 0.0))
     tmp = bld.like(best)
     if len(cores) > 1:
         root, step = ktree_reduce(bld, cores[None, :], best[None, :], tmp[None, :], step + 1,
@@ -756,7 +916,15 @@ def _argmax(bld, grid, logits, vocab: int, batch: int, step: int, levels: int) -
                                   op=OP_ARGMAX2)
     else:
         root = 0
-    bld.mark(best[root:root + 1], OUTPUT, bld.tensor("next", batch, 2))
+    return cores[root:root + 1], best[root:root + 1], step
+
+
+def _argmax(bld, grid, logits, vocab: int, batch: int, step: int, levels: int) -> None:
+    """Greedy sampling of logits split over the rows of `grid` (a k_axis="cols" GEMV's output):
+    output "next" [batch, 2] (value, token id)."""
+    n0, _ = split(vocab, min(grid.shape[0], vocab))
+    _, best, _ = _best(bld, grid, logits, n0, batch, step, levels)
+    bld.mark(best, OUTPUT, bld.tensor("next", batch, 2))
 
 
 # ---- weights -----------------------------------------------------------------------------

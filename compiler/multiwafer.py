@@ -17,8 +17,9 @@ region to the wafer's edge is not simulated; wafersim.multiwafer reports both te
 Layers go to stages as evenly as each stage's SRAM allows (compiler.model.distribute over the
 largest layer count each stage fits, the stages with tables lightened first): at batch 1 the
 order does not change the step time, but an even split is what pipelining several batches
-needs. Stages of equal layer count and ends compile to the same program, so each such program
-is compiled once.
+needs. The capacities count on the partition's tight fallback (tables spread over every
+region of the wafer, compiler.model) only where the model does not fit without it. Stages of
+equal layer count and ends compile to the same program, so each such program is compiled once.
 """
 
 from __future__ import annotations
@@ -122,24 +123,65 @@ def stage_model(cfg: ModelConfig, count: int) -> ModelConfig:
     return dataclasses.replace(cfg, name=f"{cfg.name}[{count} layers]", num_hidden_layers=count)
 
 
+def tables_spread(c: CompiledModel) -> bool:
+    """Whether a stage's vocabulary tables are spread over its regions (the tight fallback)."""
+    return sum(p.embed + p.head for p in c.placements) > sum(c.options.ends)
+
+
 def _ends(k: int, n: int) -> tuple[bool, bool]:
     return k == 0, k == n - 1
 
 
 def stage_capacity(cfg: ModelConfig, target: MeshTarget, batch: int, capacity: int,
-                   options: CompileOptions, ends: tuple[bool, bool]) -> int:
+                   options: CompileOptions, ends: tuple[bool, bool], tight: bool = False) -> int:
     """The most of cfg's layers one wafer holds with these ends, by the partition's estimate
-    over the same grids of regions (0: not even one)."""
+    over the same grids of regions (0: not even one); `tight`: as the partition's fallback
+    places them (compiler.model.region_caps: tables spread over every region, no reserve)."""
     s, L = scheme_of(cfg, "decode", options), cfg.num_hidden_layers
     most: dict[tuple[int, int], int] = {}  # region shape -> the most regions of it
     for rows, cols, n in grids(cfg, target):
         most[rows, cols] = max(most.get((rows, cols), 0), n)
     best = 0
     for (rows, cols), n in most.items():
-        caps = region_caps(cfg, target, rows, cols, n, batch, capacity, s, ends)
+        caps = region_caps(cfg, target, rows, cols, n, batch, capacity, s, ends, tight)
         if caps is not None and sum(caps) >= n - 2:  # (no more regions than layers + 2)
             best = max(best, min(sum(caps), L))
     return best
+
+
+def stage_counts(cfg: ModelConfig, cluster: WaferCluster, batch: int, capacity: int,
+                 options: CompileOptions) -> list[int]:
+    """Layers per wafer: as even as the wafers' capacities (`stage_capacity`) allow, counting
+    on the partition's tight fallback only where the model does not fit without it; refused
+    with the capacities where it does not fit."""
+    n, L = cluster.count, cfg.num_hidden_layers
+    if n > L:
+        raise ProgramError(f"{cluster.name}: {n} wafers for {cfg.name}'s {L} layers; use at "
+                           f"most {L}")
+    held: dict[tuple, int] = {}  # (ends, tight) -> the most layers a wafer holds
+
+    def cap(ends: tuple[bool, bool], tight: bool) -> int:
+        if (ends, tight) not in held:
+            held[ends, tight] = stage_capacity(cfg, cluster.wafer, batch, capacity, options,
+                                               ends, tight)
+        return held[ends, tight]
+
+    def most(ends: tuple[bool, bool], tight: bool) -> int:
+        return max(cap(ends, False), cap(ends, True)) if tight else cap(ends, False)
+
+    for tight in (False, True):
+        caps = [most(_ends(k, n), tight) for k in range(n)]
+        counts = distribute(L, caps)
+        if counts is not None and 0 not in counts:
+            return counts
+    first, middle, last = (most(e, True) for e in ((True, False), (False, False), (False, True)))
+    hint = ("no number of these wafers holds it (a stage does not fit one wafer)"
+            if 0 in (first, middle, last) else
+            f"{2 + max(0, -(-(L - first - last) // middle))} of these wafers would hold it")
+    raise ProgramError(f"{cfg.name} does not fit {cluster.name}: its wafers hold at most "
+                       f"{'+'.join(map(str, caps))} = {sum(caps)} of its {L} layers "
+                       f"(first and last wafer also hold the embedding and the LM head); "
+                       + hint)
 
 
 def compile_multiwafer(graph: nx.DiGraph, cluster: WaferCluster,
@@ -153,29 +195,9 @@ def compile_multiwafer(graph: nx.DiGraph, cluster: WaferCluster,
                            f"{phase} on one wafer")
     if options.region is not None:
         raise ProgramError("--region applies to one wafer; a cluster's stages choose their own")
-    n, L = cluster.count, cfg.num_hidden_layers
-    if n > L:
-        raise ProgramError(f"{cluster.name}: {n} wafers for {cfg.name}'s {L} layers; use at "
-                           f"most {L}")
     capacity = ctx + 1 if options.capacity is None else options.capacity
-    held: dict[tuple[bool, bool], int] = {}  # ends -> the most layers a wafer holds
-
-    def cap(ends: tuple[bool, bool]) -> int:
-        if ends not in held:
-            held[ends] = stage_capacity(cfg, cluster.wafer, batch, capacity, options, ends)
-        return held[ends]
-
-    caps = [cap(_ends(k, n)) for k in range(n)]
-    counts = distribute(L, caps)
-    if counts is None or 0 in counts:
-        first, middle, last = (cap(e) for e in ((True, False), (False, False), (False, True)))
-        hint = ("no number of these wafers holds it (a stage does not fit one wafer)"
-                if 0 in (first, middle, last) else
-                f"{2 + max(0, -(-(L - first - last) // middle))} of these wafers would hold it")
-        raise ProgramError(f"{cfg.name} does not fit {cluster.name}: its wafers hold at most "
-                           f"{'+'.join(map(str, caps))} = {sum(caps)} of its {L} layers "
-                           f"(first and last wafer also hold the embedding and the LM head); "
-                           + hint)
+    counts = stage_counts(cfg, cluster, batch, capacity, options)
+    n = len(counts)
     built: dict[tuple, CompiledModel] = {}
     stages, first = [], 0
     for k, count in enumerate(counts):
@@ -236,7 +258,8 @@ def report(mw: MultiWaferModel) -> dict:
                               c.options.ends) / cl.wafer.clock_hz
         total += seconds
         stages.append(dict(wafer=k, layers=f"{st.first}-{st.first + st.count - 1}",
-                           embed=c.options.embed, head=c.options.head, regions=len(p),
+                           embed=c.options.embed, head=c.options.head,
+                           tables_spread=tables_spread(c), regions=len(p),
                            region=f"{p[0].region.rows}x{p[0].region.cols}",
                            sram_max_bytes=c.memory["sram_max_bytes"],
                            max_ctx=c.memory["max_ctx"], estimated_s=seconds))

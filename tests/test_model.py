@@ -193,7 +193,7 @@ def test_a_placement_the_exact_check_refuses_gives_way_to_the_next(monkeypatch):
 
     graph = build_graph(CFG, "decode", ctx_len=8)
     ranked = model.partition(CFG, MESH, 1, 9, CompileOptions())
-    too_small = (1, 2, [0, 1, 1, 0])  # 1x2-core regions cannot hold a layer
+    too_small = (1, 2, [0, 1, 1, 0], False)  # 1x2-core regions cannot hold a layer
     monkeypatch.setattr(model, "partition", lambda *a: [too_small, *ranked])
     compiled = compile_model(graph, MESH)
     region = compiled.placements[0].region

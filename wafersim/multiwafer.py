@@ -15,7 +15,7 @@ each with its own KV caches on every wafer; that is not simulated here.
 
 from __future__ import annotations
 
-from compiler.multiwafer import MultiWaferModel
+from compiler.multiwafer import MultiWaferModel, tables_spread
 from wafersim.whole import simulate_layout
 
 
@@ -35,6 +35,7 @@ def simulate_multiwafer(mw: MultiWaferModel, layers: str = "all") -> dict:
     busy = sum(r["busy_fraction"] * r["makespan_s"] for r in per) / (n * step)
     stages = [dict(wafer=k, layers=f"{st.first}-{st.first + st.count - 1}", count=st.count,
                    embed=st.compiled.options.embed, head=st.compiled.options.head,
+                   tables_spread=tables_spread(st.compiled),
                    regions=r["regions"], region=f"{st.compiled.placements[0].region.rows}x"
                                                 f"{st.compiled.placements[0].region.cols}",
                    makespan_s=r["makespan_s"], busy_fraction=r["busy_fraction"],
