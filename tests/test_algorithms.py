@@ -192,3 +192,29 @@ def test_whole_model_compiler_takes_only_the_reductions_its_estimate_models():
     graph = build_graph(load_model("tiny-llama"), "decode", ctx_len=8)
     with pytest.raises(ProgramError, match="not one of meshgemv, ring"):
         compile_model(graph, load_target("test16x16"), CompileOptions(algo="pipeline"))
+
+
+@pytest.mark.parametrize("algo", GEMM_ALGOS)
+def test_sampled_gemm_steps_extrapolate_to_the_whole_loop(algo):
+    """A few of the loop's steps, extrapolated, against the whole loop simulated: Cannon-family
+    steps are identical once the shifts are under way (exact); SUMMA's first panels have their
+    owners near one edge (within 3.1% here; benchmarks/gemm_sampling.py prints more)."""
+    from wafersim.simulate import simulate, simulate_sampled
+    s, n = 16, 45  # 2.8 elements per core a side, the paper's 2K on 720 cores
+    exact = simulate(lower_gemm(n, n, n, s, s, algo, target=WSE2), WSE2)
+    est = simulate_sampled(lambda t: lower_gemm(n, n, n, s, s, algo, target=WSE2, steps=t),
+                           WSE2, s, (4, 8))
+    tol = 0.031 if algo == "summa" else 0.0
+    assert abs(est.makespan_cycles / exact.makespan_cycles - 1) <= tol
+    assert est.meta["extrapolated"] and est.meta["steps_sampled"] == [4, 8]
+    assert est.flops == exact.flops and est.messages == exact.messages
+    assert est.onchip_bytes == exact.onchip_bytes
+    assert (est.core_busy + est.core_overhead <= est.makespan_cycles).all()
+
+
+def test_sampled_gemm_is_refused_for_functional_execution():
+    prog = lower_gemm(8, 8, 8, 4, 4, "meshgemm", steps=2)
+    with pytest.raises(ProgramError, match="sampled steps"):
+        execute(prog, {"A": np.ones((8, 8), np.float32), "B": np.ones((8, 8), np.float32)})
+    with pytest.raises(ProgramError, match="steps=5 sampled of the meshgemm loop's 4"):
+        lower_gemm(8, 8, 8, 4, 4, "meshgemm", steps=5)

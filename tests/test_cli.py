@@ -37,6 +37,18 @@ def test_op_gemm_table():
     assert "summa" in out.stdout and "cannon" in out.stdout
 
 
+def test_op_gemm_sampled_steps_are_labelled():
+    out = runner.invoke(app, ["op", "gemm", "--m", "96", "--k", "96", "--n", "96", "--mesh",
+                              "12x12", "--steps", "4,8", "--json"])
+    assert out.exit_code == 0, out.output
+    rows = {r["algo"]: r for r in json.loads(out.stdout)["results"]}
+    assert all(r["extrapolated"] and r["steps_sampled"] == [4, 8] for r in rows.values())
+    exact = json.loads(runner.invoke(app, ["op", "gemm", "--m", "96", "--k", "96", "--n", "96",
+                                           "--mesh", "12x12", "--json"]).stdout)["results"]
+    assert not any(r["extrapolated"] for r in exact)
+    assert rows["meshgemm"]["makespan_cycles"] == exact[0]["makespan_cycles"]
+
+
 def test_bad_input_is_one_line_and_exit_2():
     for args, msg in [
         (["op", "gemv", "--mesh", "4by4"], "--mesh '4by4'"),
@@ -44,6 +56,8 @@ def test_bad_input_is_one_line_and_exit_2():
         (["op", "conv"], "not one of gemv, gemm"),
         (["op", "gemv", "--target", "nowhere"], "not a preset"),
         (["op", "gemv", "--mesh", "2x2"], "B of SRAM on core (0,0)"),
+        (["op", "gemm", "--mesh", "4x4", "--steps", "3,2"], "1 <= T1 < T2 <= 4"),
+        (["op", "gemm", "--mesh", "4x4", "--steps", "lots"], "--steps 'lots'"),
     ]:
         out = runner.invoke(app, args)
         assert out.exit_code == 2, (args, out.output)

@@ -15,13 +15,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from compiler.algorithms.meshgemm import GEMM_ALGOS, lower_gemm
+from compiler.algorithms.meshgemm import EXACT_MAX_SIDE, GEMM_ALGOS, SAMPLED_STEPS, lower_gemm
 from compiler.algorithms.meshgemv import GEMV_ALGOS, lower_gemv
 from compiler.layout import LayoutError
 from compiler.program import ProgramError
 from compiler.targets import PRESETS, TargetError, load_target
 from wafersim.result import SimulationError
-from wafersim.simulate import simulate
+from wafersim.simulate import simulate, simulate_sampled
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Wafer-scale chip compiler and simulator for transformer inference.")
@@ -149,6 +149,9 @@ def op(
     target: str = typer.Option("wse2", "--target", help="Preset name or target TOML/JSON file."),
     levels: int = typer.Option(2, "--levels", help="K-tree levels (meshgemv)."),
     dtype: str = typer.Option("bf16", "--dtype"),
+    steps: str = typer.Option(
+        "auto", "--steps", help="GEMM loop: 'all' steps, 'T1,T2' sampled steps extrapolated to "
+        "all, or 'auto' (sampled above compiler.algorithms.meshgemm.EXACT_MAX_SIDE cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Lower one GEMV or GEMM onto a region and simulate it, per algorithm."""
@@ -162,9 +165,9 @@ def op(
     for name in chosen:
         if kind == "gemv":
             prog = lower_gemv(m, k, n, rows, cols, name, levels=levels, dtype=dtype, target=tgt)
+            res = simulate(prog, tgt)
         else:
-            prog = lower_gemm(m, k, n, rows, cols, name, dtype=dtype, target=tgt)
-        res = simulate(prog, tgt)
+            prog, res = _gemm_run(m, k, n, rows, cols, name, dtype, tgt, steps)
         fr = res.fractions()
         results.append({
             "algo": name, "grid": f"{prog.meta['rows']}x{prog.meta['cols']}",
@@ -175,6 +178,8 @@ def op(
             "fits": True, "max_link_utilisation": res.link_utilisation(),
             "sram_bytes_max": int(prog.sram_per_core().max()), "messages": res.messages,
             "hops": res.hops, "events": res.events, "sim_wall_s": res.sim_wall_s,
+            "steps_sampled": res.meta.get("steps_sampled"),
+            "extrapolated": bool(res.meta.get("extrapolated")),
         })
     best = min(results, key=lambda r: r["makespan_cycles"])
     summary = {"system": tgt.name, "op": kind, "m": m, "k": k, "n": n, "mesh": mesh,
@@ -187,13 +192,44 @@ def op(
                   "on-chip traffic", "hottest link", "SRAM/core", "events",
                   title=f"{kind.upper()} {shape} on {mesh} cores of {tgt.name}")
     for r in results:
-        table.add_row(r["algo"], r["grid"], f"{r['makespan_s'] * 1e6:.2f} us",
+        sampled = r["steps_sampled"]
+        table.add_row(r["algo"] + (f" (steps {sampled[0]},{sampled[1]} extrapolated)"
+                                   if sampled else ""), r["grid"],
+                      f"{r['makespan_s'] * 1e6:.2f} us",
                       f"{r['makespan_cycles'] / best['makespan_cycles']:.2f}x",
                       f"{r['achieved_flops_per_s'] / 1e12:.2f}", f"{r['busy_fraction']:.1%}",
                       f"{r['overhead_fraction']:.1%}", f"{r['idle_fraction']:.1%}",
                       f"{r['onchip_bytes'] / 1e6:.2f} MB", f"{r['max_link_utilisation']:.1%}",
                       f"{r['sram_bytes_max']:,} B", f"{r['events']:,}")
     console.print(table)
+
+
+def _gemm_run(m, k, n, rows, cols, algo, dtype, tgt, steps: str):
+    """(a program of the GEMM, its SimResult): exact, or from sampled steps (--steps)."""
+    last = {}
+
+    def lower(t=None):  # keeps the last program lowered: its meta and SRAM go in the row
+        last["prog"] = lower_gemm(m, k, n, rows, cols, algo, dtype=dtype, target=tgt, steps=t)
+        return last["prog"]
+
+    full = (max if algo == "summa" else min)(rows, cols)
+    if steps == "auto":
+        sample = None if full <= EXACT_MAX_SIDE else SAMPLED_STEPS
+    elif steps == "all":
+        sample = None
+    else:
+        try:
+            sample = tuple(int(x) for x in steps.split(","))
+        except ValueError:
+            sample = ()
+        if len(sample) != 2 or not 1 <= sample[0] < sample[1] <= full:
+            raise ValueError(f"--steps {steps!r}: give 'all', 'auto' or T1,T2 with "
+                             f"1 <= T1 < T2 <= {full} (the {algo} loop's steps on {rows}x{cols})")
+    if sample is None:
+        prog = lower()
+        return prog, simulate(prog, tgt)
+    res = simulate_sampled(lower, tgt, full, sample)
+    return last["prog"], res
 
 
 @app.command("compile")

@@ -17,7 +17,16 @@ from collections import deque
 import numpy as np
 
 from compiler import program as P
-from compiler.program import COMPUTE, INPUT, OUTPUT, RECV, SEND, STATE, MeshProgram
+from compiler.program import (
+    COMPUTE,
+    INPUT,
+    OUTPUT,
+    RECV,
+    SEND,
+    STATE,
+    MeshProgram,
+    ProgramError,
+)
 from wafersim.result import SimulationError
 
 
@@ -30,6 +39,9 @@ def execute(program: MeshProgram, inputs: dict[str, np.ndarray], dtype=np.float3
     shared by the iterations, as on the wafer.
     """
     program.require_buffers("functional execution")
+    if program.meta.get("sampled"):
+        raise ProgramError("functional execution of a program lowered with sampled steps: it "
+                           "runs part of its loop, for timing only")
     shapes = {}
     for name, rows, cols in program.tensors:
         shapes[name] = (rows, cols)

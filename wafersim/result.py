@@ -7,7 +7,7 @@ DESIGN.md fixes for every CLI `--json` output.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -93,3 +93,31 @@ class SimResult:
         }
         out.update(context)
         return out
+
+
+def extrapolate(short: SimResult, long: SimResult, t_short: int, t_long: int,
+                full: int) -> SimResult:
+    """The result of a loop of `full` identical steps from two runs of its first `t_short` and
+    `t_long` steps (compiler.algorithms.meshgemm's sampled steps): every cycle, byte, FLOP and
+    message count is affine in the steps, so each is extended along the line through the two
+    runs. `events` and `sim_wall_s` are what the two runs took; `meta` says it was sampled."""
+    if not 1 <= t_short < t_long <= full:
+        raise ValueError(f"extrapolate: sampled steps {t_short} < {t_long} <= {full} needed")
+    w = (full - t_long) / (t_long - t_short)
+
+    def line(a, b):
+        return np.rint(b + w * (b - a)).astype(np.asarray(b).dtype) if np.ndim(b) else \
+            int(round(b + w * (b - a)))
+
+    arrays = ("core_busy", "core_overhead", "core_wait", "link_bytes", "link_busy")
+    counts = ("makespan_cycles", "messages", "hops", "flops", "sram_bytes")
+    out = {f: line(getattr(short, f), getattr(long, f)) for f in arrays + counts}
+    # Rounding must not make a core (or link) busier than the step is long.
+    span = out["makespan_cycles"]
+    out["core_busy"] = np.minimum(out["core_busy"], span)
+    out["core_overhead"] = np.minimum(out["core_overhead"], span - out["core_busy"])
+    out["link_busy"] = np.minimum(out["link_busy"], span)
+    return replace(long, **out, events=short.events + long.events,
+                   sim_wall_s=short.sim_wall_s + long.sim_wall_s,
+                   meta={**long.meta, "steps_sampled": [t_short, t_long], "full_steps": full,
+                         "extrapolated": True})

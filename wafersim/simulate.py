@@ -33,7 +33,7 @@ from wafersim.engine import (
     WATCHDOG,
     run_kernel,
 )
-from wafersim.result import SimResult, SimulationError
+from wafersim.result import SimResult, SimulationError, extrapolate
 
 BLOCK_SHIFT = 4  # route entries per block of the entry -> message index: 16
 
@@ -375,6 +375,16 @@ def simulate(program: MeshProgram, target: MeshTarget, max_events: int | None = 
         sim_wall_s=wall, flops=int(tot["flops"]), sram_bytes=int(tot["sram_bytes"]),
         meta=dict(program.meta),
     )
+
+
+def simulate_sampled(lower, target: MeshTarget, full: int, sample: tuple[int, int]
+                     ) -> SimResult:
+    """`lower(steps)` gives a program running `steps` of a loop's `full` identical steps
+    (compiler.algorithms.meshgemm's sampled steps); both sampled programs are simulated and the
+    result extrapolated to `full` steps (wafersim.result.extrapolate)."""
+    short, long_ = sample
+    t_long = simulate(lower(long_), target)  # the larger first: its peak with least else held
+    return extrapolate(simulate(lower(short), target), t_long, short, long_, full)
 
 
 def _deadlock_message(program: MeshProgram, pc: np.ndarray) -> str:
