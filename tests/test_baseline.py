@@ -177,9 +177,23 @@ def test_pipeline_hop_bytes_leave_one_stage_and_arrive_at_the_next():
     cluster = parse_cluster("2xH100+1xA100")
     r = simulate_cluster(graph(batch=2), cluster)
     sent, recv = r.sent_bytes["internode"], r.recv_bytes["internode"]
-    # stage 0 = GPUs 0-1, stage 1 = GPU 2: only the first pair talks (min(tp) pairs).
-    hidden = 2 * 4096 * 2
-    assert sent == (hidden, 0, 0) and recv == (0, 0, hidden)
+    # stage 0 = GPUs 0-1, stage 1 = GPU 2: only the first pair talks (min(tp) pairs); the two
+    # sampled ids (4 bytes each) go back from the last stage's GPU to the first's.
+    hidden, ids = 2 * 4096 * 2, 2 * 4
+    assert sent == (hidden, 0, ids) and recv == (ids, 0, hidden)
+    assert r.time_by_kind_s["token_return"] == pytest.approx(
+        cluster.hop(0)[1].transfer_s(ids) + get_gpu("a100").graph_kernel_overhead_s)
+
+
+def test_decode_waits_for_its_token_to_come_back_prefill_does_not():
+    far = parse_cluster("1xH100@a+1xH100@b;a-b=1000km")  # 5 ms each way
+    dec = simulate_cluster(graph(), far)
+    assert dec.time_by_kind_s["token_return"] > 5e-3
+    assert dec.makespan_s == pytest.approx(sum(dec.stage_kernel_s) + sum(dec.stage_comm_s)
+                                           + sum(dec.hop_s) + dec.time_by_kind_s["token_return"],
+                                           abs=1e-11)
+    pre = simulate_cluster(graph("llama3-8b", "prefill", seq_len=64), far)
+    assert "token_return" not in pre.time_by_kind_s
 
 
 def test_tensor_parallel_all_reduces_twice_per_layer_over_nvlink():
@@ -210,8 +224,9 @@ def test_mixed_gpus_get_layers_in_proportion_to_speed():
 def test_datacenter_hop_pays_the_wan_latency():
     near = simulate_cluster(graph(), parse_cluster("1xH100@a+1xH100@b;a-b=10km"))
     far = simulate_cluster(graph(), parse_cluster("1xH100@a+1xH100@b;a-b=1000km"))
-    assert far.makespan_s - near.makespan_s == pytest.approx(990 * 5e-6, rel=1e-3)
-    assert far.summary()["interdc_bytes"] == 4096 * 2
+    # there and back: the residual stream forward, the sampled id back
+    assert far.makespan_s - near.makespan_s == pytest.approx(2 * 990 * 5e-6, rel=1e-3)
+    assert far.summary()["interdc_bytes"] == 4096 * 2 + 4  # h there, one token id back
 
 
 def test_flash_prefill_charges_the_causal_half_in_one_kernel():

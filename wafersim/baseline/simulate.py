@@ -9,7 +9,9 @@ all-gathered inside the receiving stage.
 
 Pipeline schedule: the batch is cut into `microbatches` equal parts (default 1) that flow
 through the stages in order; stage s starts micro-batch j when it has finished j-1 and j has
-arrived; a link carries one transfer at a time. With one micro-batch (decode's usual case, a
+arrived; a link carries one transfer at a time. In decode the step ends when the last
+micro-batch's sampled ids are back at the first stage (over the hops in reverse): the next
+step embeds them. With one micro-batch (decode's usual case, a
 step of one batch) the stages run strictly in sequence, so every GPU idles while the other
 stages work: the pipeline bubble. A server interleaving several batches would fill it; that is
 not modelled here. Data-parallel replicas run the same step independently.
@@ -41,6 +43,7 @@ from wafersim.baseline.collectives import allgather
 from wafersim.baseline.quant import quantize
 
 LINK_CLASSES = ("nvlink", "internode", "interdc")
+TOKEN_ID_BYTES = 4  # one sampled token id (int32), sent back to the first stage in decode
 PS = 10**12  # picoseconds per second
 
 
@@ -224,6 +227,16 @@ def simulate_cluster(graph: nx.DiGraph, cluster: ClusterSpec, *, cuda_graphs: bo
 
     if hops:
         by_kind["pipeline_hops"] = sum(hops)
+    # Decode is autoregressive: the next step's first stage embeds the ids the last stage
+    # sampled, so they travel back over the hops, in reverse, before the step is over.
+    back = []
+    if g["phase"] == "decode":
+        for s in range(p - 1):
+            link = cluster.hop(s)[1]
+            back.append(link.transfer_s(plan.rows * TOKEN_ID_BYTES)
+                        + costs.collective_overhead_s(nodes[s + 1].gpu, cuda_graphs))
+    if back:
+        by_kind["token_return"] = sum(back)
 
     # Pipeline schedule in integer picoseconds.
     run_ps = [_ps(k) + _ps(c) for k, c in zip(stage_kernel, stage_comm, strict=True)]
@@ -237,7 +250,7 @@ def simulate_cluster(graph: nx.DiGraph, cluster: ClusterSpec, *, cuda_graphs: bo
             if s < p - 1:
                 link_free[s] = max(link_free[s], done[s]) + hop_ps[s]
                 arrive = link_free[s]
-    makespan = done[-1]
+    makespan = done[-1] + sum(_ps(t) for t in back)
 
     gpus, busy, hbm = [], [], []
     sent = {c: [] for c in LINK_CLASSES}
@@ -253,6 +266,11 @@ def simulate_cluster(graph: nx.DiGraph, cluster: ClusterSpec, *, cuda_graphs: bo
                 row_recv = {"nvlink": nv, "internode": 0, "interdc": 0}
                 if s < p - 1 and i < min(node.n_gpus, nodes[s + 1].n_gpus):
                     row_sent[hop_class[s]] += microbatches * hop_pair_bytes[s]
+                if back and i == 0:  # the sampled ids, GPU 0 of each stage to the one before
+                    if s > 0:
+                        row_sent[hop_class[s - 1]] += microbatches * plan.rows * TOKEN_ID_BYTES
+                    if s < p - 1:
+                        row_recv[hop_class[s]] += microbatches * plan.rows * TOKEN_ID_BYTES
                 if s > 0:
                     if i < min(node.n_gpus, nodes[s - 1].n_gpus):
                         row_recv[hop_class[s - 1]] += microbatches * hop_pair_bytes[s - 1]
