@@ -82,6 +82,7 @@ from compiler.program import (
     OP_SQSUM,
     OP_TAKE,
     OP_ZERO,
+    MeshProgram,
     ProgramBuilder,
     ProgramError,
 )
@@ -268,34 +269,15 @@ def lower_prefill(cfg: ModelConfig, width: int, height: int, placements, seq: in
     """The per-core program of one prefill (see the module docstring): the layer body lowered
     once on the first layer region and stamped onto the others. `rows`: the embedding's row
     blocks per round (default all); `sample`: (short, long) sampled steps, timing only."""
-    shape = (seq, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-             cfg.head_dim, cfg.intermediate_size)
+    shape = _shape(cfg, seq)
     plans = [prefill_plan(p.region, width, *shape, gemm_algo) for p in placements]
     home, hp = next((p.region, q) for p, q in zip(placements, plans) if p.count)
     grid = hp.core
-
-    def body(steps):
-        bld = ProgramBuilder(width, height, cfg.dtype)
-        h_in = bld.buffers(grid.ravel(), hp.mb, hp.db).reshape(grid.shape)  # the ports
-        out, step = prefill_layer(
-            bld, home, h_in, *shape, LAYER, eps=cfg.norm_eps, gated=cfg.gated_mlp,
-            act=model_activation(cfg.hidden_act), qkv_bias=cfg.qkv_bias, algo=gemm_algo,
-            step=LOOP, rope="rope" if cfg.position == "rope" else None, norm=cfg.norm,
-            bias=cfg.o_proj_bias, post_norm=cfg.architecture == "bert", steps=steps)
-        if step >= EPI:
-            raise ProgramError("prefill layer body too long for the step ranges")
-        _carry(bld, grid.ravel(), out, h_in, step)
-        prog = bld.build()
-        if steps is None:
-            return prog
-        # Timing only: drop the operands now (half the memory); the buffers go after the checks.
-        return dataclasses.replace(prog, meta={**prog.meta, "sampled_steps": steps}, **{
-            f: getattr(prog, f)[:0].copy() for f in ("ins_op", "ins_a", "ins_b", "ins_c",
-                                                     "ins_imm")})
-
     short, long_ = sample or (None, None)
-    t = body(long_)  # the larger first: the builder's peak with least else held
-    t_short = None if sample is None else body(short)
+    # the larger first: the builder's peak with least else held
+    t = _layer_body(cfg, width, height, home, hp, gemm_algo, long_)
+    t_short = None if sample is None else _layer_body(cfg, width, height, home, hp, gemm_algo,
+                                                      short)
     glue = ProgramBuilder(width, height, cfg.dtype)
     count = np.ones(width * height, np.int64)
     base = np.zeros(width * height, np.int64)
@@ -315,6 +297,59 @@ def lower_prefill(cfg: ModelConfig, width: int, height: int, placements, seq: in
     glue.meta.update(op="prefill", seq=seq, algo=gemm_algo)
     return Stamped(glue, t, grid.size, np.array(offsets, np.int64), np.array(bind, np.int32),
                    glue.loop_count, glue.loop_base, short=t_short)
+
+
+def _shape(cfg: ModelConfig, seq: int) -> tuple:
+    return (seq, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.head_dim, cfg.intermediate_size)
+
+
+def _layer_body(cfg: ModelConfig, width: int, height: int, home: Region, hp, gemm_algo: str,
+                steps: int | None) -> MeshProgram:
+    """One layer on the grid `hp` (prefill_plan) of region `home`, its input tiles (the first
+    buffers: the ports) carried back to its output; `steps`: sampled, for timing only."""
+    grid = hp.core
+    bld = ProgramBuilder(width, height, cfg.dtype)
+    h_in = bld.buffers(grid.ravel(), hp.mb, hp.db).reshape(grid.shape)  # the ports
+    out, step = prefill_layer(
+        bld, home, h_in, *_shape(cfg, hp.seq), LAYER, eps=cfg.norm_eps,
+        gated=cfg.gated_mlp, act=model_activation(cfg.hidden_act), qkv_bias=cfg.qkv_bias,
+        algo=gemm_algo, step=LOOP, rope="rope" if cfg.position == "rope" else None,
+        norm=cfg.norm, bias=cfg.o_proj_bias, post_norm=cfg.architecture == "bert",
+        steps=steps)
+    if step >= EPI:
+        raise ProgramError("prefill layer body too long for the step ranges")
+    _carry(bld, grid.ravel(), out, h_in, step)
+    prog = bld.build()
+    if steps is None:
+        return prog
+    # Timing only: drop the operands now (half the memory); the buffers go after the checks.
+    return dataclasses.replace(prog, meta={**prog.meta, "sampled_steps": steps}, **{
+        f: getattr(prog, f)[:0].copy() for f in ("ins_op", "ins_a", "ins_b", "ins_c",
+                                                 "ins_imm")})
+
+
+def layer_alone(cfg: ModelConfig, target: MeshTarget, seq: int, steps: int | None = None,
+                gemm_algo: str = "meshgemm") -> MeshProgram:
+    """One prefill layer of an S = `seq` token prompt alone on `target`'s whole mesh, a square
+    grid (no embedding, hand-offs or LM head; its input tiles are ready at cycle 0), as the
+    whole-model prefill lowers its layer body; for timing one layer (wafersim.layer). `steps`:
+    sampled steps (timing only: no operands). Its SRAM per core is the layer's alone.
+
+    >>> from compiler.targets import load_target
+    >>> from models import load_model
+    >>> layer_alone(load_model("tiny-llama"), load_target("test16x16").with_mesh(8, 8),
+    ...             32).cores
+    64
+    """
+    s = min(target.width, target.height)
+    if s != target.width or s != target.height:
+        raise ProgramError(f"prefill layer alone: the mesh must be square, not "
+                           f"{target.height}x{target.width}")
+    shape = _shape(cfg, seq)
+    home = Region(s, s, 0, 0)
+    plan = prefill_plan(home, s, *shape, gemm_algo, steps)
+    return _layer_body(cfg, s, s, home, plan, gemm_algo, steps)
 
 
 def _nbytes(bld, elems) -> np.ndarray:

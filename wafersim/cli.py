@@ -861,21 +861,39 @@ def layer(
                                          f"{r['grid']} cores of {tgt.name} ({attention} "
                                          "attention)"), r)
     else:
-        table = Table("P", "layer cycles", "estimate", "1-layer step", "layer SRAM/core",
-                      "busy", "tokens/s", f"max decode ({kv} KV)", "vocab",
+        table = Table("P", "layer cycles", "steps", "estimate", "1-layer step",
+                      "layer SRAM/core", "fits", "busy", "tokens/s", f"max decode ({kv} KV)",
+                      "vocab",
                       title=f"{cfg.name} {phase}, {attention} attention, on {tgt.name}: "
                             f"one layer x {cfg.num_hidden_layers} (extrapolated)")
+
+        def num(v):
+            return "-" if v is None else f"{v:,.0f}"
+
         for r in rows:
-            est = r["estimate_layer_cycles"]
+            t = r["steps_sampled"]
             table.add_row(str(r["grid"]), f"{r['layer_cycles']:,}",
-                          "-" if est is None else f"{est:,.0f}",
-                          f"{r['one_layer_step_cycles']:,}", f"{r['layer_sram_max_bytes']:,} B",
+                          "all" if t is None else f"{t[0]},{t[1]} of {t[2]}"
+                          + (" (bound)" if r["sampled_work_bound"] else
+                             "" if r["sampled_steady"] else " (not steady)"),
+                          num(r["estimate_layer_cycles"]), num(r["one_layer_step_cycles"]),
+                          f"{r['layer_sram_max_bytes']:,} B", "yes" if r["fits"] else "no",
                           f"{r['busy_fraction']:.1%}", f"{r['tokens_per_s']:,.0f}",
-                          "-" if r["max_decode"] is None else f"{r['max_decode']:,}",
-                          "shrunk to P" if r["vocab_shrunk"] else "real")
+                          num(r["max_decode"]), "shrunk to P" if r["vocab_shrunk"] else "real")
         console.print(table)
     console.print(f"extrapolated: true (tokens/s = tokens / (layers x layer s); "
                   f"{cfg.num_hidden_layers} layers)", highlight=False)
+    if any(r["sampled"] for r in rows):
+        console.print("sampled: true where steps are 'T1,T2 of P': each GEMM and the attention "
+                      "ran T1 and T2 of their P steps, and the layer is extrapolated linearly "
+                      "to P (docs/validation.md gives its error)", highlight=False)
+    if any(r["sampled"] and not r["sampled_steady"] for r in rows):
+        console.print("(not steady): the cycles a step adds still changed at the last steps "
+                      "sampled; (bound): the layer cycles are then the busiest core's own "
+                      "work, a lower bound (tokens/s: an upper bound)", highlight=False)
+    if phase == "prefill":
+        console.print("prefill: the layer's program alone (no embedding or LM head); fits: "
+                      "the layer alone against a core's SRAM", highlight=False)
     if any(r["vocab_shrunk"] for r in rows):
         console.print("vocab_size shrunk to P for the measurement: the tables do not fit one "
                       "P x P region with the layers (they are outside the layer's time)",

@@ -2,14 +2,27 @@
 
 WaferLLM reports decode (and prefill) throughput from ONE layer run on a P x P grid of cores,
 multiplied by the layer count (../shared/FACTS.md, "How WaferLLM measured"). `layer_run` does
-the same with the whole-model compiler and the simulator:
+the same with the whole-model compiler and the simulator, on a target whose mesh is exactly
+P x P:
 
-- the model, cut to 2 layers, is compiled onto a target whose mesh is exactly P x P with
-  `CompileOptions(region=(P, P))`: one region holding both layers, the embedding and the LM
-  head (prefill: the compiler's square grid);
-- the step is simulated twice, its layer loop capped at 1 and at 2 iterations (as
-  `wafersim.whole`'s `one` mode does); the layer is the difference, so the embedding and
-  the LM head are not counted in it. The whole 1-layer step is reported too;
+- decode: the model, cut to 2 layers, is compiled with `CompileOptions(region=(P, P))` as one
+  region holding both layers, the embedding and the LM head; the step is simulated with its
+  layer loop capped at 1 and at 2 iterations (as `wafersim.whole`'s `one` mode does), and the
+  layer is the difference, so the embedding and the LM head are not counted in it. The whole
+  1-layer step is reported too;
+- prefill: the layer's program alone (compiler.prefill_model.layer_alone: the body the
+  whole-model prefill stamps on its square grid, its input tiles ready at cycle 0) is
+  simulated. A prefill layer ends in a grid-wide dependency, so this is what the 2- minus
+  1-layer step measures (within 63 cycles on 16-64 cores a side, docs/validation.md). No
+  embedding or LM head is compiled, so there is no 1-layer step (rest_s is None); `fits` is
+  the layer alone (weights, caches, scratch, input tiles) against a core's SRAM, and a layer
+  that does not fit is timed and said not to. Grids wider than
+  compiler.prefill_model.SAMPLE_SIDE run sampled steps (each GEMM and the attention run T of
+  their P steps; a P-step program is out of reach): T = 2, 3, ... until the cycles one more
+  step adds are steady (STEADY), and every quantity the layer adds is extrapolated linearly
+  from the last two to P (`sampled`, `steps_sampled`, `sampled_cycles_per_step`,
+  `sampled_steady`). Not steady within MAX_SAMPLED_STEPS, the layer is at least its busiest
+  core's extrapolated work, and that lower bound is reported (`sampled_work_bound`);
 - when the vocabulary tables do not fit the region next to the layers (by the compiler's
   estimate), vocab_size is shrunk to P for the measurement: the tables are outside the loop
   and do not enter the layer's time (`vocab_shrunk` says so);
@@ -26,7 +39,7 @@ shift-based layout's either way: `kv` changes the capacity, not the timing.
 Extrapolation (labelled `extrapolated: True`):
     step_s        = L * layer_s                      (WaferLLM: one layer x layer count)
     tokens_per_s  = tokens / step_s                  (tokens: batch, or the prompt length)
-    rest_s        = one_layer_step_s - layer_s       (embedding, LM head, fill / drain)
+    rest_s        = one_layer_step_s - layer_s       (decode: embedding, LM head, fill / drain)
     tokens_per_s_with_rest = tokens / (L * layer_s + rest_s)
 rest_s is measured with the vocabulary actually compiled (shrunk or not; see vocab_shrunk).
 """
@@ -42,7 +55,7 @@ import numpy as np
 from compiler import kvcache
 from compiler.estimate import layer_cycles
 from compiler.model import CompileOptions, _counts, compile_model, slot_bytes
-from compiler.prefill_model import SAMPLE_SIDE
+from compiler.prefill_model import SAMPLE_SIDE, SAMPLED_STEPS, layer_alone
 from compiler.program import ProgramError
 from compiler.targets import MeshTarget
 from models import build_graph
@@ -51,6 +64,11 @@ from wafersim.simulate import simulate
 
 ATTENTION = ("paper", "model")
 PHASES = ("decode", "prefill")
+# Sampled prefill: steps are added, from SAMPLED_STEPS[0], until the cycles a step adds agree
+# with the previous step's within STEADY and cover every core's work per step (the steps, not
+# the grid-crossing skews, set the pace), or MAX_SAMPLED_STEPS (memory grows with the steps).
+STEADY = 0.005
+MAX_SAMPLED_STEPS = 8
 
 
 def _up(x: int, p: int) -> int:
@@ -77,18 +95,15 @@ def parse_grids(text: str) -> list[int]:
     return grids
 
 
-def _tables_fit(cfg: ModelConfig, target: MeshTarget, p: int, phase: str, ctx: int) -> bool:
-    if phase == "decode":
-        return _counts(cfg, target, p, p, 1, 1, ctx + 1) is not None
-    from compiler.prefill_model import _prefill_counts, algos
-
-    return _prefill_counts(cfg, target, p, 1, ctx, algos(CompileOptions())[0]) is not None
+def _tables_fit(cfg: ModelConfig, target: MeshTarget, p: int, ctx: int) -> bool:
+    return _counts(cfg, target, p, p, 1, 1, ctx + 1) is not None
 
 
 def layer_run(cfg: ModelConfig, target: MeshTarget, p: int, phase: str = "decode",
               ctx: int = 4096, attention: str = "model", batch: int = 1,
-              kv: str = "shift") -> dict:
-    """Compile and simulate one layer of `cfg` on a P x P grid of `target`'s cores."""
+              kv: str = "shift", sample: bool | None = None) -> dict:
+    """Compile and simulate one layer of `cfg` on a P x P grid of `target`'s cores. `sample`
+    (prefill): sampled steps, by default where P > SAMPLE_SIDE."""
     if phase not in PHASES:
         raise ValueError(f"--phase {phase!r} is not one of {', '.join(PHASES)}")
     if kv not in kvcache.KV_KINDS:
@@ -101,14 +116,9 @@ def layer_run(cfg: ModelConfig, target: MeshTarget, p: int, phase: str = "decode
                          f"{target.height}x{target.width})")
     if ctx < 1:
         raise ValueError(f"--ctx {ctx} must be >= 1")
-    if phase == "prefill" and p > SAMPLE_SIDE:
-        raise ProgramError(f"--phase prefill --grid {p}: grids wider than {SAMPLE_SIDE} cores a "
-                           "side are compiled with sampled steps, whose two stacked layers "
-                           "this version cannot run in one region; for a whole-model prefill "
-                           "use `wafersim compile --phase prefill` and `wafersim simulate "
-                           "--layers one`")
     layers = cfg.num_hidden_layers
-    lcfg = dataclasses.replace(cfg, num_hidden_layers=2)
+    # decode: two layers, their difference; prefill: one layer, its body alone (docstring)
+    lcfg = dataclasses.replace(cfg, num_hidden_layers=2 if phase == "decode" else 1)
     if attention == "paper":
         lcfg = paper_config(lcfg, p)
         ctx = _up(ctx, p)
@@ -117,69 +127,84 @@ def layer_run(cfg: ModelConfig, target: MeshTarget, p: int, phase: str = "decode
             raise ProgramError(f"--attention paper on a {p}x{p} grid: the lowering splits a "
                                f"head's RoPE pairs over at most head_dim/2 = {limit} rows")
     tgt = target.with_mesh(p, p)
-    vocab_shrunk = not _tables_fit(lcfg, tgt, p, phase, ctx)
+    vocab_shrunk = phase == "decode" and not _tables_fit(lcfg, tgt, p, ctx)
     if vocab_shrunk:
         lcfg = dataclasses.replace(lcfg, vocab_size=p, tie_word_embeddings=False)
-    t0 = time.perf_counter()
-    graph = (build_graph(lcfg, phase, batch=batch, seq_len=ctx) if phase == "prefill"
-             else build_graph(lcfg, phase, batch=batch, ctx_len=ctx))
-    compiled = compile_model(graph, tgt, CompileOptions(region=(p, p)))
-    program = compiled.timing_program()
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    one = simulate(dataclasses.replace(program, loop_count=np.minimum(program.loop_count, 1)),
-                   tgt)
-    two = simulate(dataclasses.replace(program, loop_count=np.minimum(program.loop_count, 2)),
-                   tgt)
-    sim_s = time.perf_counter() - t0
-    code = compiled.code
-    sram2 = code.sram_per_core()
-    sram1 = dataclasses.replace(code, loop_count=np.minimum(code.loop_count, 1)).sram_per_core()
-    layer_sram = sram2 - sram1
+    if phase == "decode":
+        t0 = time.perf_counter()
+        compiled = compile_model(build_graph(lcfg, phase, batch=batch, ctx_len=ctx), tgt,
+                                 CompileOptions(region=(p, p)))
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lay, one_cycles, runs = _decode_layer(compiled, tgt)
+        sim_s = time.perf_counter() - t0
+        code, record, alone = compiled.code, None, None
+        one_sram = dataclasses.replace(code, loop_count=np.minimum(code.loop_count, 1)
+                                       ).sram_per_core()
+        layer_sram = int((code.sram_per_core() - one_sram).max())
+        sram1 = int(one_sram.max())
+        fits = sram1 <= target.sram_bytes
+    else:
+        if batch != 1:
+            raise ProgramError(f"prefill of batch {batch}: a prompt is prefilled alone")
+        if sample is None:
+            sample = p > SAMPLE_SIDE
+        lay, record, runs, layer_sram, alone, compile_s, sim_s = _prefill_layer(lcfg, tgt, ctx,
+                                                                                sample)
+        one_cycles = sram1 = None
+        fits = alone <= target.sram_bytes
 
-    cyc = two.makespan_cycles - one.makespan_cycles
+    cyc = float(lay["makespan_cycles"])
     hz = target.clock_hz
-    layer_s, one_s = cyc / hz, one.makespan_cycles / hz
-    rest_s = one_s - layer_s
+    layer_s = cyc / hz
+    one_s = None if one_cycles is None else one_cycles / hz
+    rest_s = None if one_s is None else one_s - layer_s
     tokens = batch * ctx if phase == "prefill" else batch
     step_s = layers * layer_s
-    # the breakdown of the layer: per-core differences of the two runs, at the last core
-    busy = two.core_busy - one.core_busy
-    over = two.core_overhead - one.core_overhead
-    wait = two.core_wait - one.core_wait
-    active = two.core_active
-    last = int(np.argmax(np.where(active, busy + over + wait, -1)))
+    # the breakdown of the layer, at its last core (sampled: the last of the longer sample,
+    # whose cores' times are in step; others may still be filling their pipelines)
+    busy, over, wait = lay["core_busy"], lay["core_overhead"], lay["core_wait"]
+    active = runs[-1].core_active
+    last = int(np.argmax(np.where(active, busy + over + wait, -1) if record is None else
+                         runs[-1].core_busy + runs[-1].core_overhead + runs[-1].core_wait))
     span = max(cyc, 1)
     n_act = max(int(active.sum()), 1)
     busy_frac = float(busy[active].sum()) / (span * n_act)
     out = dict(
         model=cfg.name, system=target.name, phase=phase, grid=p, cores=p * p, ctx=ctx,
         batch=batch, attention=attention, layers=layers, extrapolated=True,
+        layer_measured=("2-layer step minus 1-layer step" if phase == "decode"
+                        else "the layer's program alone"),
+        sampled=record is not None, steps_sampled=record and record["steps"],
+        sampled_cycles_per_step=record and record["cycles_per_step"],
+        sampled_steady=record and record["steady"],
+        sampled_work_bound=record and record["work_bound"],
         hidden_size=lcfg.hidden_size, intermediate_size=lcfg.intermediate_size,
         num_attention_heads=lcfg.num_attention_heads,
         num_key_value_heads=lcfg.num_key_value_heads, head_dim=lcfg.head_dim,
         vocab_size=lcfg.vocab_size, vocab_shrunk=vocab_shrunk,
-        layer_cycles=int(cyc), layer_s=layer_s,
+        layer_cycles=int(round(cyc)), layer_s=layer_s,
         estimate_layer_cycles=None,
-        one_layer_step_cycles=int(one.makespan_cycles), one_layer_step_s=one_s,
-        two_layer_step_cycles=int(two.makespan_cycles), rest_s=rest_s,
+        one_layer_step_cycles=None if one_cycles is None else int(one_cycles),
+        one_layer_step_s=one_s,
+        two_layer_step_cycles=int(runs[1].makespan_cycles) if phase == "decode" else None,
+        rest_s=rest_s,
         step_s=step_s, tokens_per_s=tokens / step_s if step_s > 0 else None,
-        tokens_per_s_with_rest=tokens / (step_s + rest_s) if step_s + rest_s > 0 else None,
+        tokens_per_s_with_rest=None if rest_s is None else tokens / (step_s + rest_s),
         last_core=f"({last % p},{last // p})",
         last_core_compute=float(busy[last]) / span, last_core_overhead=float(over[last]) / span,
         last_core_wait=float(wait[last]) / span,
         busy_fraction=busy_frac, idle_fraction=1.0 - busy_frac
         - float(over[active].sum()) / (span * n_act),
-        layer_flops=int(two.flops - one.flops),
-        layer_link_bytes=int(two.link_bytes.sum() - one.link_bytes.sum()),
-        layer_messages=int(two.messages - one.messages), layer_hops=int(two.hops - one.hops),
-        layer_max_link_utilisation=float((two.link_busy - one.link_busy).max()) / span
-        if len(two.link_busy) else 0.0,
-        layer_sram_max_bytes=int(layer_sram.max()),
-        one_layer_step_sram_max_bytes=int(sram1.max()),
-        sram_limit_bytes=target.sram_bytes,
-        fits=bool(sram1.max() <= target.sram_bytes),
-        compile_wall_s=compile_s, sim_wall_s=sim_s, events=int(one.events + two.events),
+        layer_flops=int(round(lay["flops"])),
+        layer_link_bytes=int(round(lay["link_bytes"].sum())),
+        layer_messages=int(round(lay["messages"])), layer_hops=int(round(lay["hops"])),
+        layer_max_link_utilisation=float(lay["link_busy"].max()) / span
+        if len(lay["link_busy"]) else 0.0,
+        layer_sram_max_bytes=layer_sram, layer_alone_sram_max_bytes=alone,
+        one_layer_step_sram_max_bytes=sram1, sram_limit_bytes=target.sram_bytes,
+        fits=bool(fits),
+        compile_wall_s=compile_s, sim_wall_s=sim_s, events=sum(r.events for r in runs),
     )
     out.update(kv=kv, max_decode=None)
     if phase == "decode":
@@ -195,6 +220,68 @@ def layer_run(cfg: ModelConfig, target: MeshTarget, p: int, phase: str = "decode
     return out
 
 
+_SUMMED = ("makespan_cycles", "core_busy", "core_overhead", "core_wait", "link_bytes",
+           "link_busy", "flops", "messages", "hops")
+
+
+def _mix(*terms) -> dict:
+    """sum of weight x run over (weight, SimResult) terms, for every quantity a layer adds."""
+    return {k: sum(w * np.asarray(getattr(r, k), np.float64) for w, r in terms)
+            for k in _SUMMED}
+
+
+def _decode_layer(compiled, tgt: MeshTarget):
+    """The 2-layer step minus the 1-layer step: (layer, 1-layer step cycles, runs)."""
+    program = compiled.timing_program()
+    one, two = (simulate(dataclasses.replace(program, loop_count=np.minimum(
+        program.loop_count, n)), tgt) for n in (1, 2))
+    return _mix((1, two), (-1, one)), one.makespan_cycles, [one, two]
+
+
+def _prefill_layer(cfg: ModelConfig, tgt: MeshTarget, seq: int, sample: bool):
+    """The layer's program alone, exact or sampled (module docstring), each program built,
+    simulated and dropped in turn (P = 420 at 8 steps peaks at 8 GB): (layer, the sampling's
+    record or None, runs with the longest last, the layer's weights and caches and its whole
+    program on the busiest core (bytes), compile seconds, simulate seconds)."""
+    runs, build_s, sim_s = [], 0.0, 0.0
+    steps, p = SAMPLED_STEPS[0], tgt.width
+    sample = sample and p > steps
+    while True:
+        t0 = time.perf_counter()
+        program = layer_alone(cfg, tgt, seq, steps if sample else None)
+        if not runs:  # the sampled programs hold the same buffers
+            size = program.buffer_bytes()
+            alone = int(np.bincount(program.buf_core, size).max())
+            layer_sram = int(np.bincount(program.buf_core,
+                                         np.where(program.templated(), size, 0)).max())
+        t1 = time.perf_counter()
+        runs.append(simulate(program, tgt))
+        del program
+        build_s, sim_s = build_s + t1 - t0, sim_s + time.perf_counter() - t1
+        if not sample:
+            return _mix((1, runs[0])), None, runs, layer_sram, alone, build_s, sim_s
+        added = np.diff([r.makespan_cycles for r in runs])  # cycles per step, in turn
+        work = max(_work(runs[-1]) - _work(runs[-2])) if len(runs) > 1 else 0
+        steady = (len(added) > 1 and abs(added[-1] - added[-2]) <= STEADY * added[-1]
+                  and added[-1] >= work)
+        if steady or (len(runs) > 1 and steps >= min(MAX_SAMPLED_STEPS, p)):
+            break
+        steps += 1
+    w = p - steps  # the step is affine in the steps once steady: extrapolate from the last
+    lay = _mix((1 + w, runs[-1]), (-w, runs[-2]))
+    # No core finishes before its own work (exactly affine in the steps): a lower bound on
+    # the layer, which the extrapolation can undershoot where it is not steady.
+    bound = float(max(lay["core_busy"] + lay["core_overhead"]))
+    record = dict(steps=[steps - 1, steps, p], cycles_per_step=[int(a) for a in added],
+                  steady=bool(steady), work_bound=bool(bound > lay["makespan_cycles"]))
+    lay["makespan_cycles"] = max(lay["makespan_cycles"], bound)
+    return lay, record, runs, layer_sram, alone, build_s, sim_s
+
+
+def _work(run) -> np.ndarray:
+    return run.core_busy + run.core_overhead
+
+
 def plot_sweep(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -204,9 +291,16 @@ def plot_sweep(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     r0 = rows[0]
     ax.plot([r["grid"] for r in rows], [r["tokens_per_s"] for r in rows], "o-")
+    over = [r for r in rows if not r["fits"]]
+    if over:
+        ax.plot([r["grid"] for r in over], [r["tokens_per_s"] for r in over], "o", mfc="white",
+                label="the layer does not fit a core's SRAM")
+        ax.legend()
     ax.set_xlabel("P (grid P x P)")
     ax.set_ylabel("tokens/s (one layer x layer count)")
-    ax.set_title(f"{r0['model']} {r0['phase']}, {r0['attention']} attention, extrapolated")
+    sampled = ", sampled steps" if any(r["sampled"] for r in rows) else ""
+    ax.set_title(f"{r0['model']} {r0['phase']}, {r0['attention']} attention, "
+                 f"extrapolated{sampled}", fontsize=10)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
