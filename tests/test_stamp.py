@@ -268,6 +268,8 @@ def test_sampled_prefill_extrapolates_close_to_the_exact_simulation(monkeypatch)
     got = simulate_layout(fast.code, mesh, fast.info())
     assert got["steps_sampled"] == [2, 3, 8]
     assert abs(got["makespan_cycles"] / want - 1) < 0.03
+    assert got["steps_caveat"].startswith("steps 2 and 3 of 8 simulated and extrapolated")
+    assert simulate_layout(exact.code, mesh, exact.info())["steps_caveat"] is None
 
 
 @pytest.mark.parametrize("algo", ["meshgemm", "summa"])

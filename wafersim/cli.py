@@ -555,6 +555,8 @@ def compare(
         notes.append(f"wafer: layers {w['layers_simulated']}"
                      + (" (extrapolated)" if w["extrapolated"] else "")
                      + f", {w['events']:,} events in {w['sim_wall_s']:.3g} s")
+    if w["fits"] and w.get("steps_caveat"):
+        notes.append(f"wafer: {w['steps_caveat']}")
     if w["fits"] and "stages" in w:
         notes.append(multiwafer_note(w))
     if "energy_j" not in w and g.get("energy_j") is not None:

@@ -44,6 +44,15 @@ def _with_counts(program: MeshProgram, cap: int, region: dict | None = None) -> 
     return dataclasses.replace(program, loop_count=count)
 
 
+# Two sampled steps are not always steady (docs/validation.md, "Prefill grid sweeps"): on
+# LLaMA-3-8B's 375 x 375 regions steps 5 and 6 add 29% to the layer that steps 2 and 3 give, and
+# the busiest core's own work alone at least 12%; more steps need more memory than the whole
+# model's 13 GB here, so the result carries this warning.
+SAMPLED_CAVEAT = ("steps {} and {} of {} simulated and extrapolated, not checked for steadiness: "
+                  "on wide grids later steps run slower, so this time is likely short (12-29% "
+                  "for LLaMA-3-8B on 375 x 375 regions, docs/validation.md)")
+
+
 def _run(program: MeshProgram, target: MeshTarget, info: dict, layers: str,
          sampled: bool = False):
     """(SimResult of a run, the step's cycles, events, totals, layers extrapolated)."""
@@ -110,6 +119,7 @@ def simulate_layout(code: MeshProgram | Stamped, target: MeshTarget, info: dict,
         events=int(events), sim_wall_s=wall,
         layers_simulated="one" if extrapolated else "all",
         steps_sampled=[t1, t2, full] if sampled else None,
+        steps_caveat=SAMPLED_CAVEAT.format(t1, t2, full) if sampled else None,
         extrapolated=extrapolated or sampled,
         busy_fraction=fr["busy"], idle_fraction=fr["idle"],
         # The last core to finish: how its time splits (a proxy for the critical path).
