@@ -337,6 +337,27 @@ def _steps(ctx: Ctx):
     return [(b, c) for c in (512, 2048) for b in (1, 8, 32)], (512, 2048), (30, 10)
 
 
+def _points(decode_points, prefill_lens):
+    """(prefill, batch, ctx or prompt length) of every step measured."""
+    return [(False, b, c) for b, c in decode_points] + [(True, 1, s) for s in prefill_lens]
+
+
+def _conf(cfg, tp: int, pp: int, gpus: int, b: int, c: int, prefill: bool, ctx: Ctx) -> dict:
+    return {"model": cfg.name, "tp": tp, "pp": pp, "gpus": gpus, "batch": b,
+            **({"seq_len": c} if prefill else {"ctx": c}), "cuda_graph": ctx.cuda}
+
+
+def _setup(model, full, b: int, c: int, prefill: bool, ctx: Ctx) -> dict:
+    """The caches (and the fp32 reference's, for the smoke check) and static inputs of a step."""
+    if full is not None:
+        full.alloc_cache(b, c)
+        torch.manual_seed(7)
+        full.cache = ms.rand(full.cache.shape, torch.device("cpu"))
+    model.alloc_cache(b, c, full)
+    torch.manual_seed(11)
+    return {k: v.to(ctx.device) for k, v in model.step_inputs(b, c, prefill).items()}
+
+
 def _full_reference(cfg, seed: int = 0) -> ms.Llama:
     torch.manual_seed(seed)
     return ms.Llama(cfg, torch.device("cpu"))
@@ -358,19 +379,11 @@ def bench_tp(ctx: Ctx, cfg: ms.LlamaShape, tp: int) -> None:
         h = F.embedding(inp["tokens"], model.emb)
         return model.head_forward(model.layers_forward(h, inp, prefill), prefill)
 
-    for prefill, b, c in [(False, b, c) for b, c in decode_points] + [
-            (True, 1, s) for s in prefill_lens]:
+    for prefill, b, c in _points(decode_points, prefill_lens):
         phase = "prefill" if prefill else "decode"
-        conf = {"model": cfg.name, "tp": tp, "pp": 1, "gpus": tp, "batch": b,
-                **({"seq_len": c} if prefill else {"ctx": c}), "cuda_graph": ctx.cuda}
+        conf = _conf(cfg, tp, 1, tp, b, c, prefill, ctx)
         try:
-            if full is not None:
-                full.alloc_cache(b, c)
-                torch.manual_seed(7)
-                full.cache = ms.rand(full.cache.shape, torch.device("cpu"))
-            model.alloc_cache(b, c, full)
-            torch.manual_seed(11)
-            inp = {k: v.to(ctx.device) for k, v in model.step_inputs(b, c, prefill).items()}
+            inp = _setup(model, full, b, c, prefill, ctx)
             extra = {}
             if full is not None:
                 ref = ms.reference_forward(full, {k: v.cpu() for k, v in inp.items()}, prefill)
@@ -418,20 +431,12 @@ def bench_pp(ctx: Ctx, cfg: ms.LlamaShape, pp: int) -> None:
     decode_points, prefill_lens, (dec_reps, pre_reps) = _steps(ctx)
     nxt, prv = ctx.rank + tp, ctx.rank - tp  # same i, next / previous stage
     last = (pp - 1) * tp + i
-    for prefill, b, c in [(False, b, c) for b, c in decode_points] + [
-            (True, 1, s) for s in prefill_lens]:
+    for prefill, b, c in _points(decode_points, prefill_lens):
         phase = "prefill" if prefill else "decode"
         rows = c if prefill else b
-        conf = {"model": cfg.name, "tp": tp, "pp": pp, "gpus": ctx.world, "batch": b,
-                **({"seq_len": c} if prefill else {"ctx": c}), "cuda_graph": ctx.cuda}
+        conf = _conf(cfg, tp, pp, ctx.world, b, c, prefill, ctx)
         try:
-            if full is not None:
-                full.alloc_cache(b, c)
-                torch.manual_seed(7)
-                full.cache = ms.rand(full.cache.shape, torch.device("cpu"))
-            model.alloc_cache(b, c, full)
-            torch.manual_seed(11)
-            inp = {k: v.to(ctx.device) for k, v in model.step_inputs(b, c, prefill).items()}
+            inp = _setup(model, full, b, c, prefill, ctx)
             h_in = torch.zeros((rows, cfg.hidden_size), dtype=DTYPE, device=ctx.device)
             piece = torch.zeros((rows, cfg.hidden_size // tp), dtype=DTYPE, device=ctx.device)
             ids = torch.zeros(1 if prefill else b, dtype=torch.int64, device=ctx.device)

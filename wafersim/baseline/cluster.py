@@ -110,20 +110,8 @@ def parse_cluster(spec: str) -> ClusterSpec:
     if not isinstance(spec, str) or not spec.strip():
         raise ClusterError(f"cluster spec is empty; write e.g. {EXAMPLE}")
     text = re.sub(r"\s+", "", spec)
-    replicas = 1
-    m = re.match(r"^dp(\d*):", text, re.IGNORECASE)
-    if m:
-        if not m.group(1) or int(m.group(1)) < 1:
-            raise ClusterError(f"cluster spec token {m.group(0)!r}: replicas must be dp<N> "
-                               "with N >= 1, e.g. dp2:8xH100")
-        replicas, text = int(m.group(1)), text[m.end():]
-    stages = 1
-    m = re.match(r"^pp(\d*):", text, re.IGNORECASE)
-    if m:
-        if not m.group(1) or int(m.group(1)) < 2:
-            raise ClusterError(f"cluster spec token {m.group(0)!r}: stages per node must be "
-                               "pp<K> with K >= 2, e.g. pp2:8xH100")
-        stages, text = int(m.group(1)), text[m.end():]
+    replicas, text = _prefix(text, "dp", 1, "replicas")
+    stages, text = _prefix(text, "pp", 2, "stages per node")
     body, *link_tokens = text.split(";")
     if not body:
         raise ClusterError(f"cluster spec {spec!r}: no GPU groups; write e.g. {EXAMPLE}")
@@ -149,6 +137,17 @@ def parse_cluster(spec: str) -> ClusterSpec:
     for i in range(len(nodes) - 1):
         cluster.hop(i)  # raises when adjacent datacenters have no link
     return cluster
+
+
+def _prefix(text: str, key: str, least: int, what: str) -> tuple[int, str]:
+    """(N, the rest) of a leading "<key>N:", or (1, text) without one."""
+    m = re.match(rf"^{key}(\d*):", text, re.IGNORECASE)
+    if not m:
+        return 1, text
+    if not m.group(1) or int(m.group(1)) < least:
+        raise ClusterError(f"cluster spec token {m.group(0)!r}: {what} must be {key}<N> with "
+                           f"N >= {least}, e.g. {key}2:8xH100")
+    return int(m.group(1)), text[m.end():]
 
 
 def _parse_group(token: str) -> tuple[list[Node], bool]:
