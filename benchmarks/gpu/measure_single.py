@@ -537,7 +537,7 @@ def count_kernels(fn, device) -> dict:
         return {"kernel_count_error": repr(exc)[:200]}
 
 
-def bench_model(cfg, device, emit, smoke):
+def bench_model(cfg, device, emit, smoke, ctxs=(512, 2048), seqs=(512, 2048)):
     t0 = time.perf_counter()
     model = Llama(cfg, device)
     wbytes = sum(t.numel() * 2 for L in model.layers for t in L.values())
@@ -545,7 +545,7 @@ def bench_model(cfg, device, emit, smoke):
     emit("model_init", config=asdict(cfg), weight_bytes=wbytes,
          init_s=time.perf_counter() - t0)
     dec_reps, pre_reps = (3, 2) if smoke else (30, 10)
-    batches, ctxs = ((1, 2), (8, 16)) if smoke else ((1, 8, 32), (512, 2048))
+    batches, ctxs = ((1, 2), (8, 16)) if smoke else ((1, 8, 32), ctxs)
     for ctx in ctxs:
         for b in batches:
             conf = {"model": cfg.name, "batch": b, "ctx": ctx, "attention": "bmm-softmax-bmm",
@@ -575,7 +575,7 @@ def bench_model(cfg, device, emit, smoke):
                      error=str(exc)[:300])
             model.cache = None
             free(device)
-    for seq in ((8, 16) if smoke else (512, 2048)):
+    for seq in ((8, 16) if smoke else seqs):
         conf = {"model": cfg.name, "batch": 1, "seq_len": seq, "attention": "sdpa causal",
                 "lm_head": "last token", "cuda_graph": device.type == "cuda"}
         try:
@@ -630,6 +630,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     ap.add_argument("--sections", default="copy,launch,gemv,gemm,models",
                     help="comma-separated subset of copy,launch,gemv,gemm,models")
+    ap.add_argument("--ctxs", default="512,2048", help="decode contexts (tokens attended)")
+    ap.add_argument("--seqs", default="512,2048", help="prefill prompt lengths")
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS),
                     help=f"comma-separated, of {','.join(m.name for m in MODELS)}")
     args = ap.parse_args(argv)
@@ -649,7 +651,9 @@ def main(argv=None) -> int:
         m for m in MODELS if m.name in args.models.split(",")]
     steps = [("copy", bench_copy), ("launch", bench_launch), ("gemv", bench_gemv),
              ("gemm", bench_gemm)]
-    steps += [("models", lambda d, e, s, cfg=cfg: bench_model(cfg, d, e, s)) for cfg in chosen]
+    ctxs, seqs = (tuple(int(x) for x in v.split(",")) for v in (args.ctxs, args.seqs))
+    steps += [("models", lambda d, e, s, cfg=cfg: bench_model(cfg, d, e, s, ctxs, seqs))
+              for cfg in chosen]
     run_steps(steps, sections, device, emit, args.smoke)
     emit("done")
     return 0

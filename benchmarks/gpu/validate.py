@@ -27,8 +27,8 @@ from wafersim.baseline.simulate import simulate_cluster
 RESULTS = Path(__file__).parent / "results"
 # measure_single.py's files hold one GPU's points; measure_multi.py's (system None) name each
 # point's tensor- and pipeline-parallel degrees in its config.
-FILES = {"h100.jsonl": "1xH100", "h200.jsonl": "1xH200", "h200_70b.jsonl": "1xH200",
-         "h200x2_single.jsonl": "1xH200", "h200x2.jsonl": None}
+FILES = {"h100.jsonl": "1xH100", "h100_long.jsonl": "1xH100", "h200.jsonl": "1xH200",
+         "h200_70b.jsonl": "1xH200", "h200x2_single.jsonl": "1xH200", "h200x2.jsonl": None}
 ZOO = {"llama-3-8b": "llama3-8b", "llama-2-7b": "llama2-7b", "llama-2-13b": "llama2-13b",
        "llama-3-70b-40l": "llama3-70b", "llama-3-70b": "llama3-70b"}
 LAYERS = {"llama-3-70b-40l": 40}  # a measured slice of the zoo model's layers
