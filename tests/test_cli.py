@@ -58,6 +58,7 @@ def test_bad_input_is_one_line_and_exit_2():
         (["op", "gemv", "--mesh", "2x2"], "B of SRAM on core (0,0)"),
         (["op", "gemm", "--mesh", "4x4", "--steps", "3,2"], "1 <= T1 < T2 <= 4"),
         (["op", "gemm", "--mesh", "4x4", "--steps", "lots"], "--steps 'lots'"),
+        (["op", "gemv", "--steps", "4,8"], "only a GEMM's loop is sampled"),
     ]:
         out = runner.invoke(app, args)
         assert out.exit_code == 2, (args, out.output)

@@ -159,6 +159,8 @@ def op(
     rows, cols = parse_mesh(mesh)
     if kind not in ("gemv", "gemm"):
         raise ValueError(f"op kind {kind!r} is not one of gemv, gemm")
+    if kind == "gemv" and steps != "auto":
+        raise ValueError(f"--steps {steps!r}: only a GEMM's loop is sampled (op gemm)")
     algos = GEMV_ALGOS if kind == "gemv" else GEMM_ALGOS
     chosen = algos if algo == "all" else (algo,)
     results = []
