@@ -505,11 +505,15 @@ def _largest(fits, lo: int, most: int | None = None) -> int:
 def largest_batch(cfg: ModelConfig, target: MeshTarget, capacity: int,
                   s: Scheme | None = None, most: int = 1024) -> int:
     """The largest decode batch (at most `most`) whose caches of `capacity` tokens a sequence
-    fit some placement on `target`, by the partition's estimate (0: not even one)."""
-    def fits(b: int) -> bool:
-        return next(_candidates(cfg, target, b, capacity, s), None) is not None
+    fit some placement on `target`, by the partition's estimate (0: not even one). As in the
+    partition, the tight placements count only where no other holds one sequence."""
+    for tight in (False, True):
+        def fits(b: int, tight=tight) -> bool:
+            return next(_candidates(cfg, target, b, capacity, s, tight=tight), None) is not None
 
-    return _largest(fits, 1, most) if fits(1) else 0
+        if fits(1):
+            return _largest(fits, 1, most)
+    return 0
 
 
 def forced_regions(target: MeshTarget, rows: int, cols: int, layers: int) -> int:

@@ -106,3 +106,15 @@ def test_qwen2_72b_in_bf16_fits_four_wse3():
     one = [stage_capacity(cfg, cluster.wafer, 1, 4097, options, e) for e in ends]
     assert one[0] + 2 * one[1] + one[2] < 80
     assert stage_counts(cfg, cluster, 1, 4097, options) == [20, 20, 20, 20]
+
+
+def test_the_serving_batch_limit_counts_spread_tables_where_nothing_else_fits():
+    """LLaMA-2-13B with 7,000 tokens a sequence fits one WSE-2 only with its tables spread; the
+    serving batch limit must not say that not even one sequence fits."""
+    from compiler.model import largest_batch
+
+    cfg, wse2 = load_model("llama2-13b"), load_target("wse2")
+    assert partition(cfg, wse2, 1, 7000, CompileOptions())[0][3]  # tight
+    assert largest_batch(cfg, wse2, 7000) >= 1
+    assert not partition(cfg, wse2, 1, 5000, CompileOptions())[0][3]
+    assert largest_batch(cfg, wse2, 5000) >= 1
