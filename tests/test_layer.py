@@ -77,6 +77,22 @@ def test_sampled_prefill_layer_is_never_shorter_than_its_busiest_cores_work(monk
     assert 0 < r["busy_fraction"] <= 1
 
 
+def test_sampled_prefill_steps_stop_at_the_message_budget(monkeypatch):
+    """Steps stop where the next program would pass MAX_LAYER_MESSAGES (not steady: reported
+    as such), and a grid where even a second step would pass it is refused in one line."""
+    cfg = load_model("llama3-8b")
+    two = layer_run(cfg, WSE2, 48, "prefill", ctx=4096, sample=True)
+    t1, t2 = two["steps_sampled"][:2]
+    assert t2 > 3  # it needs more than T = 2 and 3 to settle here
+    per_step = two["layer_messages"] / 48
+    monkeypatch.setattr(layer, "MAX_LAYER_MESSAGES", int(3 * per_step))
+    r = layer_run(cfg, WSE2, 48, "prefill", ctx=4096, sample=True)
+    assert r["steps_sampled"] == [2, 3, 48] and r["sampled_steady"] is False
+    monkeypatch.setattr(layer, "MAX_LAYER_MESSAGES", int(2 * per_step))
+    with pytest.raises(ProgramError, match="MAX_LAYER_MESSAGES"):
+        layer_run(cfg, WSE2, 48, "prefill", ctx=4096, sample=True)
+
+
 def test_prefill_grids_wider_than_64_are_sampled():
     wide = dataclasses.replace(CFG, hidden_size=136, num_attention_heads=2,
                                num_key_value_heads=2, head_dim_override=68,

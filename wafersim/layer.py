@@ -21,8 +21,9 @@ P x P:
   their P steps; a P-step program is out of reach): T = 2, 3, ... until the cycles one more
   step adds are steady (STEADY), and every quantity the layer adds is extrapolated linearly
   from the last two to P (`sampled`, `steps_sampled`, `sampled_cycles_per_step`,
-  `sampled_steady`). Not steady within MAX_SAMPLED_STEPS, the layer is at least its busiest
-  core's extrapolated work, and that lower bound is reported (`sampled_work_bound`);
+  `sampled_steady`). Not steady within MAX_SAMPLED_STEPS steps or MAX_LAYER_MESSAGES
+  messages, the layer is at least its busiest core's extrapolated work, and that lower bound
+  is reported (`sampled_work_bound`);
 - when the vocabulary tables do not fit the region next to the layers (by the compiler's
   estimate), vocab_size is shrunk to P for the measurement: the tables are outside the loop
   and do not enter the layer's time (`vocab_shrunk` says so);
@@ -69,6 +70,10 @@ PHASES = ("decode", "prefill")
 # the grid-crossing skews, set the pace), or MAX_SAMPLED_STEPS (memory grows with the steps).
 STEADY = 0.005
 MAX_SAMPLED_STEPS = 8
+# Nor past this many messages in one sampled program (memory follows them: LLaMA-3-8B's
+# P = 420 layer at 8 steps holds about 20 M and peaked at 8.1 GB here); where even two
+# sampled programs would not fit it, the grid is refused in one line.
+MAX_LAYER_MESSAGES = 24_000_000
 
 
 def _up(x: int, p: int) -> int:
@@ -240,7 +245,7 @@ def _decode_layer(compiled, tgt: MeshTarget):
 
 def _prefill_layer(cfg: ModelConfig, tgt: MeshTarget, seq: int, sample: bool):
     """The layer's program alone, exact or sampled (module docstring), each program built,
-    simulated and dropped in turn (P = 420 at 8 steps peaks at 8 GB): (layer, the sampling's
+    simulated and dropped in turn, the steps capped by MAX_LAYER_MESSAGES: (layer, the sampling's
     record or None, runs with the longest last, the layer's weights and caches and its whole
     program on the busiest core (bytes), compile seconds, simulate seconds)."""
     runs, build_s, sim_s = [], 0.0, 0.0
@@ -266,6 +271,17 @@ def _prefill_layer(cfg: ModelConfig, tgt: MeshTarget, seq: int, sample: bool):
                   and added[-1] >= work)
         if steady or (len(runs) > 1 and steps >= min(MAX_SAMPLED_STEPS, p)):
             break
+        # the messages of the next program: affine in the steps (at most proportional)
+        m = [r.messages for r in runs]
+        nxt = 2 * m[-1] - m[-2] if len(m) > 1 else m[-1] * (steps + 1) / steps
+        if nxt > MAX_LAYER_MESSAGES:
+            if len(runs) > 1:
+                break  # not steady: the extrapolation, or the work bound below
+            raise ProgramError(
+                f"--phase prefill --grid {p}: a second sampled step would need about "
+                f"{nxt / 1e6:.0f} M messages, over the {MAX_LAYER_MESSAGES / 1e6:.0f} M this "
+                "version simulates in one program (wafersim.layer.MAX_LAYER_MESSAGES); use a "
+                "smaller grid or a shorter prompt")
         steps += 1
     w = p - steps  # the step is affine in the steps once steady: extrapolate from the last
     lay = _mix((1 + w, runs[-1]), (-w, runs[-2]))
