@@ -218,3 +218,21 @@ def test_sampled_gemm_is_refused_for_functional_execution():
         execute(prog, {"A": np.ones((8, 8), np.float32), "B": np.ones((8, 8), np.float32)})
     with pytest.raises(ProgramError, match="steps=5 sampled of the meshgemm loop's 4"):
         lower_gemm(8, 8, 8, 4, 4, "meshgemm", steps=5)
+
+
+def test_extrapolate_follows_the_line_and_never_undercuts_a_cores_work():
+    from wafersim.result import SimResult, extrapolate
+
+    def run(span, busy, link, msgs):
+        return SimResult("t", 2, 1, 1e9, span, np.array(busy), np.array([1, 1]),
+                         np.array([0, 0]), np.array([True, True]), np.array([8 * msgs, 0]),
+                         np.array([link, 0]), msgs, msgs, 10, 0.1, 100 * msgs)
+
+    # steps 2 and 3 of 10: everything grows by its per-step amount 7 more times
+    e = extrapolate(run(100, [40, 30], 20, 4), run(120, [50, 35], 25, 6), 2, 3, 10)
+    assert e.makespan_cycles == 120 + 7 * 20 and not e.meta["work_bound"]
+    assert list(e.core_busy) == [50 + 7 * 10, 35 + 7 * 5] and e.messages == 6 + 7 * 2
+    assert e.flops == 100 * e.messages and e.events == 20 and e.meta["steps_sampled"] == [2, 3]
+    # a core whose work grows faster than the step: the step is at least that work
+    e = extrapolate(run(100, [60, 30], 20, 4), run(110, [90, 35], 25, 6), 2, 3, 10)
+    assert e.makespan_cycles == 90 + 7 * 30 + 1 and e.meta["work_bound"]

@@ -139,24 +139,19 @@ def test_int8_halves_the_weight_bytes_and_dequantises_on_a_wse2():
     assert rq.makespan_cycles > rd.makespan_cycles
 
 
-def test_a_native_int8_rate_makes_int8_faster():
-    """A target whose cores multiply int8 at twice the bf16 rate runs int8 weights there."""
-    fast = dataclasses.replace(MESH, flops_per_cycle=MESH.flops_per_cycle + (("int8", 16.0),))
+@pytest.mark.parametrize("change", [
+    # cores that multiply int8 at twice the bf16 rate run int8 weights there
+    {"flops_per_cycle": MESH.flops_per_cycle + (("int8", 16.0),)},
+    # a tenth of the SRAM bandwidth (2.4 B/cycle): a bf16 weight takes longer to read than to
+    # multiply, so int8 weights pay for their dequantisation and more
+    {"sram_bytes_per_cycle": 2.4},
+], ids=["native-int8-rate", "sram-bound"])
+def test_int8_is_faster_where_the_target_favours_it(change):
+    target = dataclasses.replace(MESH, **change)
     region = CompileOptions(region=(8, 8))
-    dense = simulate(_compile(BF16, region, target=fast).program, fast).makespan_cycles
-    q8 = simulate(_compile(BF16, dataclasses.replace(region, quant="int8"), target=fast
-                           ).program, fast).makespan_cycles
-    assert q8 < dense
-
-
-def test_int8_is_faster_where_the_cores_are_sram_bound():
-    """With a tenth of the SRAM bandwidth (2.4 B/cycle) a bf16 weight takes longer to read
-    than to multiply, so int8 weights pay for their dequantisation and more."""
-    slow = dataclasses.replace(MESH, sram_bytes_per_cycle=2.4)
-    region = CompileOptions(region=(8, 8))
-    dense = simulate(_compile(BF16, region, target=slow).program, slow).makespan_cycles
-    q8 = simulate(_compile(BF16, dataclasses.replace(region, quant="int8"), target=slow
-                           ).program, slow).makespan_cycles
+    dense = simulate(_compile(BF16, region, target=target).program, target).makespan_cycles
+    q8 = simulate(_compile(BF16, dataclasses.replace(region, quant="int8"), target=target
+                           ).program, target).makespan_cycles
     assert q8 < dense
 
 

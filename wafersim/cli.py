@@ -76,21 +76,36 @@ def emit(obj: dict) -> None:
     print(json.dumps(obj, default=float))
 
 
-ACT_DENSITY_HELP = ("Activation sparsity (TwELL): the FFN neurons' density, 0.1, one per layer "
-                    "0.1,0.2,..., or beta:MEAN:CONC.")
-FFF_DEPTH_HELP = ("Replace every MLP with a fast feed-forward tree of this depth "
-                  "(2^(d+1)-1 neurons, d+1 per token; -1: the model's MLP).")
-QUANT_HELP = "Store the weights in bf16, fp16, fp8, int8 or int4 (default: the model's dtype)."
-KV_DTYPE_HELP = "Store the KV cache in bf16, fp16, fp8, int8 or int4 (default: the model's)."
-QUANT_GROUP_HELP = "Elements per fp16 scale of fp8/int8/int4 weights and KV entries."
-PRUNE_HELP = "Prune the layers' projections: 2:4, or the density of kept weights (0.5)."
+# The placement and efficiency options that `compile` and `compare` share (docs/efficiency.md).
+POLICY = typer.Option("waferllm", "--policy",
+                      help="Wafer placement: waferllm (fastest estimated), pipeline or largest.")
+REGION = typer.Option("", "--region", help="Force every wafer region to ROWSxCOLS cores.")
+ACT_DENSITY = typer.Option("", "--act-density", help=(
+    "Activation sparsity (TwELL): the FFN neurons' density, 0.1, one per layer 0.1,0.2,..., or "
+    "beta:MEAN:CONC."))
+ACT_SEED = typer.Option(0, "--act-seed", help="Seed of the active neurons' draw.")
+FFF_DEPTH = typer.Option(-1, "--fff-depth", help=(
+    "Replace every MLP with a fast feed-forward tree of this depth (2^(d+1)-1 neurons, d+1 per "
+    "token; -1: the model's MLP)."))
+QUANT = typer.Option("", "--quant", help="Store the weights in bf16, fp16, fp8, int8 or int4 "
+                                         "(default: the model's dtype).")
+KV_DTYPE = typer.Option("", "--kv-dtype", help="Store the KV cache in bf16, fp16, fp8, int8 or "
+                                               "int4 (default: the model's).")
+QUANT_GROUP = typer.Option(128, "--quant-group",
+                           help="Elements per fp16 scale of fp8/int8/int4 weights and KV entries.")
+PRUNE = typer.Option("", "--prune", help="Prune the layers' projections: 2:4, or the density of "
+                                         "kept weights (0.5).")
 
 
-def quant_options(quant: str, kv_dtype: str, group: int, prune: str) -> dict:
-    """CompileOptions' storage fields from the CLI's --quant, --kv-dtype, --quant-group, --prune
-    (compiler.quant checks them)."""
-    return dict(quant=quant or None, kv_dtype=kv_dtype or None, quant_group=group,
-                prune=prune or None)
+def compile_options(policy: str, region: str, act_density: str, act_seed: int, quant: str,
+                    kv_dtype: str, quant_group: int, prune: str, **more):
+    """CompileOptions from the shared CLI options above (the compiler checks their values)."""
+    from compiler.model import CompileOptions
+
+    return CompileOptions(policy=policy, region=parse_mesh(region, "--region") if region else None,
+                          act_density=act_density or None, act_seed=act_seed, quant=quant or None,
+                          kv_dtype=kv_dtype or None, quant_group=quant_group,
+                          prune=prune or None, **more)
 
 
 def with_fff(cfg, depth: int):
@@ -247,18 +262,17 @@ def compile_cmd(
     ctx: int = typer.Option(4096, "--ctx",
                             help="Tokens already in the KV cache (prefill: the prompt length)."),
     capacity: int = typer.Option(0, "--capacity", help="KV tokens the cache holds (0: ctx+1)."),
-    policy: str = typer.Option("waferllm", "--policy",
-                               help="waferllm (fastest estimated), pipeline or largest."),
-    region: str = typer.Option("", "--region", help="Force every region to ROWSxCOLS cores."),
+    policy: str = POLICY,
+    region: str = REGION,
     algo: str = typer.Option("meshgemv", "--algo",
                              help="GEMV reductions: meshgemv (K-tree) or ring (chain)."),
-    act_density: str = typer.Option("", "--act-density", help=ACT_DENSITY_HELP),
-    act_seed: int = typer.Option(0, "--act-seed", help="Seed of the active neurons' draw."),
-    fff_depth: int = typer.Option(-1, "--fff-depth", help=FFF_DEPTH_HELP),
-    quant: str = typer.Option("", "--quant", help=QUANT_HELP),
-    kv_dtype: str = typer.Option("", "--kv-dtype", help=KV_DTYPE_HELP),
-    quant_group: int = typer.Option(128, "--quant-group", help=QUANT_GROUP_HELP),
-    prune: str = typer.Option("", "--prune", help=PRUNE_HELP),
+    act_density: str = ACT_DENSITY,
+    act_seed: int = ACT_SEED,
+    fff_depth: int = FFF_DEPTH,
+    quant: str = QUANT,
+    kv_dtype: str = KV_DTYPE,
+    quant_group: int = QUANT_GROUP,
+    prune: str = PRUNE,
     output: str = typer.Option("", "-o", "--output", help="Write the layout file here."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -267,7 +281,7 @@ def compile_cmd(
 
     from compiler import multiwafer
     from compiler.layout import save_layout
-    from compiler.model import CompileOptions, compile_model
+    from compiler.model import compile_model
     from compiler.multiwafer import WaferCluster, compile_multiwafer, is_cluster, load_cluster
     from compiler.prefill_model import algos as prefill_algos
     from models import build_graph, load_model
@@ -277,10 +291,8 @@ def compile_cmd(
     t0 = time.perf_counter()
     graph = (build_graph(cfg, phase, batch=batch, seq_len=ctx) if phase == "prefill"
              else build_graph(cfg, phase, batch=batch, ctx_len=ctx))
-    options = CompileOptions(policy=policy, capacity=capacity or None, algo=algo,
-                             region=parse_mesh(region, "--region") if region else None,
-                             act_density=act_density or None, act_seed=act_seed,
-                             **quant_options(quant, kv_dtype, quant_group, prune))
+    options = compile_options(policy, region, act_density, act_seed, quant, kv_dtype,
+                              quant_group, prune, capacity=capacity or None, algo=algo)
     if isinstance(tgt, WaferCluster):
         with working(f"compiling {cfg.name} over {tgt.name}"):
             mw = compile_multiwafer(graph, tgt, options)
@@ -510,32 +522,27 @@ def compare(
     layers: str = typer.Option("all", "--layers",
                                help="Wafer: all layers simulated, or one per region "
                                     "extrapolated."),
-    policy: str = typer.Option("waferllm", "--policy", help="Wafer placement: waferllm "
-                                                            "(fastest estimated), pipeline or "
-                                                            "largest."),
-    region: str = typer.Option("", "--region", help="Force every wafer region to ROWSxCOLS."),
-    act_density: str = typer.Option("", "--act-density", help=ACT_DENSITY_HELP),
-    act_seed: int = typer.Option(0, "--act-seed", help="Seed of the active neurons' draw."),
-    fff_depth: int = typer.Option(-1, "--fff-depth", help=FFF_DEPTH_HELP),
-    quant: str = typer.Option("", "--quant", help=QUANT_HELP),
-    kv_dtype: str = typer.Option("", "--kv-dtype", help=KV_DTYPE_HELP),
-    quant_group: int = typer.Option(128, "--quant-group", help=QUANT_GROUP_HELP),
-    prune: str = typer.Option("", "--prune", help=PRUNE_HELP),
+    policy: str = POLICY,
+    region: str = REGION,
+    act_density: str = ACT_DENSITY,
+    act_seed: int = ACT_SEED,
+    fff_depth: int = FFF_DEPTH,
+    quant: str = QUANT,
+    kv_dtype: str = KV_DTYPE,
+    quant_group: int = QUANT_GROUP,
+    prune: str = PRUNE,
     csv_path: str = typer.Option("", "--csv", help="Also write the table rows to this CSV."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """One step on the wafer and on a GPU cluster side by side: throughput, latency, traffic."""
-    from compiler.model import CompileOptions
     from compiler.multiwafer import is_cluster, load_cluster
     from models import load_model
     from wafersim import compare as cmp
 
     tgt = load_cluster(wafer) if is_cluster(wafer) else load_target(wafer)
     cfg = with_fff(load_model(model), fff_depth)
-    options = CompileOptions(policy=policy,
-                             region=parse_mesh(region, "--region") if region else None,
-                             act_density=act_density or None, act_seed=act_seed,
-                             **quant_options(quant, kv_dtype, quant_group, prune))
+    options = compile_options(policy, region, act_density, act_seed, quant, kv_dtype,
+                              quant_group, prune)
     status = Console(stderr=True).status
     result = cmp.compare(cfg, tgt, gpus, phase=phase, batch=batch, ctx=ctx, layers=layers,
                          options=options, status=status)

@@ -112,12 +112,13 @@ def extrapolate(short: SimResult, long: SimResult, t_short: int, t_long: int,
     arrays = ("core_busy", "core_overhead", "core_wait", "link_bytes", "link_busy")
     counts = ("makespan_cycles", "messages", "hops", "flops", "sram_bytes")
     out = {f: line(getattr(short, f), getattr(long, f)) for f in arrays + counts}
-    # Rounding must not make a core (or link) busier than the step is long.
-    span = out["makespan_cycles"]
-    out["core_busy"] = np.minimum(out["core_busy"], span)
-    out["core_overhead"] = np.minimum(out["core_overhead"], span - out["core_busy"])
-    out["link_busy"] = np.minimum(out["link_busy"], span)
+    # No core finishes before its own work, and no link carries longer than the step: where
+    # the line falls short of that (steps not yet steady), that bound is the step.
+    bound = int(max((out["core_busy"] + out["core_overhead"]).max(initial=0),
+                    out["link_busy"].max(initial=0)))
+    line_span = out["makespan_cycles"]
+    out["makespan_cycles"] = max(line_span, bound)
     return replace(long, **out, events=short.events + long.events,
                    sim_wall_s=short.sim_wall_s + long.sim_wall_s,
                    meta={**long.meta, "steps_sampled": [t_short, t_long], "full_steps": full,
-                         "extrapolated": True})
+                         "extrapolated": True, "work_bound": bound > line_span})

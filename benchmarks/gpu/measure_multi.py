@@ -358,6 +358,14 @@ def _setup(model, full, b: int, c: int, prefill: bool, ctx: Ctx) -> dict:
     return {k: v.to(ctx.device) for k, v in model.step_inputs(b, c, prefill).items()}
 
 
+def _drop(model, ctx: Ctx, cache_only: bool = False) -> None:
+    """Free a point's KV cache (or the whole model) before the next."""
+    model.cache = None
+    if not cache_only:
+        model.layers = model.emb = model.lm_head = None
+    ms.free(ctx.device)
+
+
 def _full_reference(cfg, seed: int = 0) -> ms.Llama:
     torch.manual_seed(seed)
     return ms.Llama(cfg, torch.device("cpu"))
@@ -406,10 +414,8 @@ def bench_tp(ctx: Ctx, cfg: ms.LlamaShape, tp: int) -> None:
         except Exception as exc:  # record and go on: OOM is itself a finding
             ctx.emit(phase, config=conf, oom=isinstance(exc, torch.OutOfMemoryError),
                      error=repr(exc)[:300])
-        model.cache = None
-        ms.free(ctx.device)
-    model.layers = model.emb = model.lm_head = None
-    ms.free(ctx.device)
+        _drop(model, ctx, cache_only=True)
+    _drop(model, ctx)
 
 
 def bench_pp(ctx: Ctx, cfg: ms.LlamaShape, pp: int) -> None:
@@ -486,13 +492,11 @@ def bench_pp(ctx: Ctx, cfg: ms.LlamaShape, pp: int) -> None:
                      max_rank_median_s=slowest(ctx, st["median_s"]),
                      tokens_per_s=tokens / st["median_s"], **extra, **st)
             replay = None
-        except Exception as exc:
+        except Exception as exc:  # record and go on: OOM is itself a finding
             ctx.emit(phase, config=conf, oom=isinstance(exc, torch.OutOfMemoryError),
                      error=repr(exc)[:300])
-        model.cache = None
-        ms.free(ctx.device)
-    model.layers = model.emb = model.lm_head = None
-    ms.free(ctx.device)
+        _drop(model, ctx, cache_only=True)
+    _drop(model, ctx)
 
 
 # --------------------------------------------------------------------------- driver

@@ -24,7 +24,6 @@ checked against a torch reference first.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import traceback
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from measure_quant import bench, emit  # the same timing and JSON lines as the quant run
 
 D, FFN = 4096, 14336
 
@@ -95,18 +95,6 @@ def fff_reference(x, w_in, w_out, depth):
         y += F.silu(z)[:, None] * w_out[node].float()
         node = 2 * node + 1 + (z >= 0).long()
     return y
-
-
-def bench(fn) -> float:
-    """Seconds per call (do_bench's mean, L2 cleared before each call)."""
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="mean") * 1e-3
-
-
-def emit(out, record: dict) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    out.write(line + "\n")
-    out.flush()
 
 
 def ell_section(out) -> None:
