@@ -458,3 +458,77 @@ def test_a_route_through_a_missing_core_is_refused(link, why):
     prog = dataclasses.replace(bld.build(), route_link=np.array([link], np.int32))
     with pytest.raises(SimulationError, match=why):
         simulate(prog, T.with_mesh(3, 1))
+
+
+# --- the kernel split over threads: the same result, whatever the split ---------------------
+
+def _same_run(a, b):
+    assert a[0] == b[0] and a[1] == b[1]
+    for x, y in zip(a[2:8], b[2:8], strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(programs(), st.integers(2, 4))
+def test_threads_give_the_same_result_on_random_programs(case, threads):
+    """Zero-latency hops and zero overheads included (rounds within a cycle), with columns
+    dealt to partitions one by one on these narrow meshes, so most hops cross partitions."""
+    prog, target = case
+    args = kernel_args(prog, target)
+    _same_run(run_kernel(*args), run_kernel(*args, threads=threads))
+
+
+@pytest.mark.parametrize("near_rows", [None, 2])
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(prog=multicast_programs())
+def test_threads_give_the_same_result_on_multicast_programs(near_rows, monkeypatch, prog):
+    if near_rows:
+        monkeypatch.setattr(engine, "NEAR_ROWS", near_rows)
+    args = kernel_args(prog, T)
+    _same_run(run_kernel(*args), run_kernel(*args, threads=3))
+
+
+@pytest.mark.parametrize("make", [lambda: lower_gemv(2, 300, 200, 12, 10),
+                                  lambda: lower_gemm(60, 60, 60, 6, 6, "cannon"),
+                                  lambda: lower_gemm(60, 60, 60, 5, 7, "summa"),
+                                  lambda: _ping_pong(3, True)])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_give_the_same_result_on_algorithms_and_loops(make, threads):
+    args = kernel_args(make(), T)
+    _same_run(run_kernel(*args), run_kernel(*args, threads=threads))
+
+
+def test_threads_keep_far_events_in_order():
+    """Far-future hops through the overflow heap while another partition sets the pace."""
+    n, nbytes = 40, 8000
+    bld = ProgramBuilder(4, 2)
+    bufs = bld.buffers(np.arange(8), 1, nbytes // 2)
+    m = bld.messages(np.zeros(n, np.int64), 3, nbytes, 0)
+    bld.send(np.zeros(n, np.int64), np.arange(n), m, bufs[0])
+    bld.recv(np.full(n, 3), n + np.arange(n), m, bufs[3])
+    args = kernel_args(bld.build(), T)
+    _same_run(run_kernel(*args), run_kernel(*args, threads=2))
+
+
+def test_threads_report_errors_like_one_thread():
+    """A deadlock, the watchdog and an overrun stop every partition (no thread is left
+    waiting at a barrier) with the status one thread gives."""
+    stuck = ProgramBuilder(4, 1)
+    a, b = stuck.buffers([0, 3], 4, 4)
+    m = stuck.messages(0, 3, 8, 0)
+    stuck.recv(3, 0, m, b)
+    stuck.compute(0, 0, OP_MATMUL_ACC, c=a, a=a, b=a)
+    ahead = ProgramBuilder(2, 1)
+    a, b = ahead.buffers([0, 1], 8, 8)
+    m, last = ahead.messages([0, 0], [1, 1], 8, 0)
+    ahead.send(0, 1, m, a)
+    ahead.send(0, 5, last, a)
+    ahead.recv(1, 0, last, b)
+    ahead.recv(1, 1, m, b)
+    cases = [(kernel_args(stuck.build(), T), engine.DEADLOCK),
+             (kernel_args(lower_gemv(1, 64, 64, 8, 8), WSE2, max_events=10), engine.WATCHDOG),
+             (kernel_args(ahead.build(loop=(1, 2, 3, 0)), T), engine.OVERRUN)]
+    for args, status in cases:
+        assert run_kernel(*args)[0] == status
+        assert run_kernel(*args, threads=2)[0] == status

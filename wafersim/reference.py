@@ -1,12 +1,14 @@
 """A plain SimPy implementation of the engine's message-level model, for checking and speed.
 
-It takes the same arguments as `wafersim.engine.run_kernel` and follows the same steps, with
-SimPy's environment as the clock and event queue: each event queued by the kernel is one
-`env.timeout` here, and SimPy orders events of equal time by scheduling order, as the kernel's
-(time, push order) queue does. So the two must agree exactly, cycle for cycle. It reads each
-hop's link from `route_link` (the kernel steps straight routes itself) and keeps deliveries in
-dicts, so it also checks the kernel's route stepping, slots and event buckets. It is slow by
-design (Python objects per event) and never used by `simulate`.
+It takes the same arguments as `wafersim.engine.run_kernel` and follows the same model, with
+SimPy's environment as the clock and event queue: each hop request the kernel queues is one
+`env.timeout` here. The requests of one time are collected into a round and granted link by
+link, each link's in port order (wafersim.engine's module doc), by an arbiter scheduled after
+them; requests made while it runs (zero-latency hops) form the next round. The kernel gets the
+same order differently, by queueing each port's events apart, so the two must agree exactly,
+cycle for cycle. It reads each hop's link from `route_link` (the kernel steps straight routes
+itself) and keeps deliveries in dicts, so it also checks the kernel's route stepping, slots and
+event buckets. It is slow by design (Python objects per event) and never used by `simulate`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import simpy
 
-from wafersim.engine import COMPUTE, DEADLOCK, KIND_BITS, OK, SEND, SEND_WORDS
+from wafersim.engine import COMPUTE, DEADLOCK, INJECT, KIND_BITS, OK, SEND, SEND_WORDS
 
 
 def run_reference(core_ptr, code_ptr, code, route_link, mc_slot, n_slots, n_links, width,
@@ -36,6 +38,7 @@ def run_reference(core_ptr, code_ptr, code, route_link, mc_slot, n_slots, n_link
     waiter: dict[int, int] = {}  # delivery slot -> blocked core
     free_at = [0] * n_links
     events = [0]
+    requests: list[tuple[int, int, tuple, int]] = []  # this round's: (link, port, msg, entry)
 
     def at(time, callback):
         env.timeout(time - env.now).callbacks.append(callback)
@@ -53,7 +56,7 @@ def run_reference(core_ptr, code_ptr, code, route_link, mc_slot, n_slots, n_link
                 overhead[c] += send_overhead
                 first, ser, delivery = (int(v) for v in code[pc[c] + 1:pc[c] + 4])
                 message = (first + operand - 1, ser, delivery)  # last entry, ser, delivery
-                at(core_time[c], lambda _ev, e=first, msg=message: hop(msg, e))
+                at(core_time[c], lambda _ev, e=first, msg=message: request(msg, e, INJECT))
                 pc[c] += SEND_WORDS - 1
             else:
                 if operand not in arrival:
@@ -69,10 +72,24 @@ def run_reference(core_ptr, code_ptr, code, route_link, mc_slot, n_slots, n_link
         core_time[c] += recv_overhead
         overhead[c] += recv_overhead
 
-    def hop(msg, e):
+    def request(msg, e, port):
+        if not requests:
+            at(env.now, arbitrate)  # after every request already queued for now
+        requests.append((int(route_link[e]), port, msg, e))
+
+    def arbitrate(_ev):
+        batch = list(requests)
+        requests.clear()
+        by_link: dict[int, list] = {}
+        for i, (link, port, msg, e) in enumerate(batch):
+            by_link.setdefault(link, []).append((port, i, msg, e))
+        for link, asks in by_link.items():
+            for _port, _i, msg, e in sorted(asks, key=lambda a: a[:2]):
+                hop(msg, e, link)
+
+    def hop(msg, e, link):
         events[0] += 1
         last_entry, ser, delivery = msg
-        link = int(route_link[e])
         multicast = ser < 0
         if multicast:
             ser = -1 - ser
@@ -81,7 +98,8 @@ def run_reference(core_ptr, code_ptr, code, route_link, mc_slot, n_slots, n_link
         free_at[link] = start + ser
         t_arrival = start + hop_latency + ser
         if not last:
-            at(start + hop_latency, lambda _ev, nxt=e + 1: hop(msg, nxt))
+            at(start + hop_latency,
+               lambda _ev, nxt=e + 1, port=link & 3: request(msg, nxt, port))
         if multicast:
             slot = int(mc_slot[e + delivery])
         else:

@@ -9,12 +9,15 @@ values that do not fit the kernel's int32 words raise SimulationError.
 
 The route check runs beside the encoding, and the totals beside the kernel, each in a second
 thread (all of them are Numba loops that release the GIL): on a machine with two or more cores
-the run takes the encoding and the kernel's time only.
+the run takes the encoding and the kernel's time only. A large program's kernel runs on every
+core this process may use (`kernel_threads`), which gives the same result to the cycle
+(wafersim.engine); then the totals run beside the encoding instead.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -343,16 +346,38 @@ def kernel_args(program: MeshProgram, target: MeshTarget, max_events: int | None
 
 
 MAX_EVENTS_ARG = 12  # position of max_events in kernel_args' tuple
+THREAD_MIN_HOPS = 1 << 20  # smaller programs run on one thread: starting more costs more
 
 
-def simulate(program: MeshProgram, target: MeshTarget, max_events: int | None = None
-             ) -> SimResult:
-    """Simulate `program` on `target`; raises SimulationError on deadlock or watchdog."""
-    args = kernel_args(program, target, max_events, arrivals=False)
-    t0 = time.perf_counter()
+def kernel_threads(program: MeshProgram) -> int:
+    """Threads for the kernel: the cores this process may use (WAFERSIM_THREADS overrides),
+    or 1 for programs of fewer than THREAD_MIN_HOPS route entries."""
+    if program.n_hops < THREAD_MIN_HOPS:
+        return 1
+    env = os.environ.get("WAFERSIM_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise SimulationError(f"WAFERSIM_THREADS={env!r} must be a whole number >= 1")
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def simulate(program: MeshProgram, target: MeshTarget, max_events: int | None = None,
+             threads: int | None = None) -> SimResult:
+    """Simulate `program` on `target`; raises SimulationError on deadlock or watchdog.
+    `threads`: the kernel's (default `kernel_threads`); any number gives the same result."""
+    threads = kernel_threads(program) if threads is None else threads
     with ThreadPoolExecutor(1) as pool:
-        tallied = pool.submit(totals, program, target)
-        status, events, core_time, busy, overhead, wait, pc, _arrival, _free = run_kernel(*args)
+        # The totals beside the kernel; beside the encoding when the kernel takes every core.
+        tallied = pool.submit(totals, program, target) if threads > 1 else None
+        args = kernel_args(program, target, max_events, arrivals=False)
+        t0 = time.perf_counter()
+        if tallied is None:
+            tallied = pool.submit(totals, program, target)
+        else:
+            tallied.result()
+        status, events, core_time, busy, overhead, wait, pc, _arrival, _free = run_kernel(
+            *args, threads=threads)
         wall = time.perf_counter() - t0
         tot = tallied.result()
     if status == WATCHDOG:
