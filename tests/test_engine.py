@@ -532,3 +532,10 @@ def test_threads_report_errors_like_one_thread():
     for args, status in cases:
         assert run_kernel(*args)[0] == status
         assert run_kernel(*args, threads=2)[0] == status
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_bad_thread_count_is_refused_in_one_line(value, monkeypatch):
+    monkeypatch.setenv("WAFERSIM_THREADS", value)
+    with pytest.raises(SimulationError, match="WAFERSIM_THREADS=.* must be a whole number >= 1"):
+        simulate(lower_gemv(1, 64, 64, 8, 8), WSE2)

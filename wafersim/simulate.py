@@ -352,12 +352,12 @@ THREAD_MIN_HOPS = 1 << 20  # smaller programs run on one thread: starting more c
 def kernel_threads(program: MeshProgram) -> int:
     """Threads for the kernel: the cores this process may use (WAFERSIM_THREADS overrides),
     or 1 for programs of fewer than THREAD_MIN_HOPS route entries."""
+    env = os.environ.get("WAFERSIM_THREADS", "").strip()
+    if env and (not env.isdigit() or int(env) < 1):
+        raise SimulationError(f"WAFERSIM_THREADS={env!r} must be a whole number >= 1")
     if program.n_hops < THREAD_MIN_HOPS:
         return 1
-    env = os.environ.get("WAFERSIM_THREADS", "").strip()
     if env:
-        if not env.isdigit() or int(env) < 1:
-            raise SimulationError(f"WAFERSIM_THREADS={env!r} must be a whole number >= 1")
         return int(env)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
