@@ -65,7 +65,7 @@ def added_by_second_layer(cfg, p: int, ctx: int) -> int:
     c = compile_model(build_graph(dataclasses.replace(cfg, num_hidden_layers=2), "prefill",
                                   seq_len=ctx), mesh, CompileOptions(region=(p, p)))
     prefill_model.SAMPLE_SIDE = side
-    prog = c.timing_program()
+    prog = c.code
     one, two = (simulate(dataclasses.replace(prog, loop_count=np.minimum(prog.loop_count, n)),
                          mesh).makespan_cycles for n in (1, 2))
     return two - one

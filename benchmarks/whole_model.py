@@ -39,7 +39,7 @@ def one(phase: str, side: int, algo: str, prompt: int) -> dict:
     compiled = compile_model(graph, target, CompileOptions(region=(side, side), algo=algo))
     compile_s = time.perf_counter() - t0
     compile_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    res = simulate(compiled.timing_program(), target)
+    res = simulate(compiled.code, target)
     return dict(phase=phase, region=f"{side}x{side}", algo=algo, cycles=res.makespan_cycles,
                 instructions=compiled.code.n_instructions, compile_s=compile_s,
                 compile_rss_gb=compile_rss, events=res.events, simulate_s=res.sim_wall_s,

@@ -158,10 +158,6 @@ class CompiledModel:
     def program(self) -> MeshProgram:
         return self.code.expand() if isinstance(self.code, Stamped) else self.code
 
-    def timing_program(self) -> MeshProgram:
-        """What the simulator reads (Stamped.expand(timing_only=True)), not kept."""
-        return self.code.expand(True) if isinstance(self.code, Stamped) else self.code
-
     def info(self) -> dict:
         """What a layout file records next to the program."""
         return dict(model=self.model.to_dict(), model_name=self.model.name,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -41,6 +42,9 @@ from compiler.program import (
     report_deadlock,
 )
 from compiler.targets import MeshTarget
+
+_MESSAGES = ("msg_bytes", "msg_colour", "msg_multicast", "msg_src", "msg_dst", "route_link",
+             "route_ptr")
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,17 +135,43 @@ class Stamped:
                              g.loop_start, copy_of, self.copies)
         report_deadlock(g, core, at, what)
 
-    def expand(self, timing_only: bool = False, short: bool | None = None) -> MeshProgram:
-        """The whole program, every copy written out. `timing_only`: only what the simulator
-        reads (instruction kinds, costs and messages; no ops, operands or buffers: about half
-        the memory); such a program refuses functional execution and SRAM counts. A sampled
-        program expands only for timing, and `short` says which of its two bodies."""
-        if self.sampled and (not timing_only or short is None):
+    @property
+    def width(self) -> int:
+        return self.glue.width
+
+    @property
+    def height(self) -> int:
+        return self.glue.height
+
+    @property
+    def dtype(self) -> str:
+        return self.glue.dtype
+
+    @property
+    def n_hops(self) -> int:
+        return self.glue.n_hops + self.copies * self.body.n_hops
+
+    @property
+    def meta(self) -> dict:
+        return {**self.glue.meta, **self.body.meta}
+
+    @property
+    def looped(self) -> bool:
+        return bool(np.any(self.loop_count > 1))
+
+    def with_body(self, short: bool) -> Stamped:
+        """A sampled program as a plain stamped one with one of its two bodies."""
+        return dataclasses.replace(self, body=self.short if short else self.body, short=None)
+
+    def frame(self) -> Frame:
+        """Where everything goes in the expanded program (after checking that the parts fit
+        together)."""
+        if self.sampled:
             raise ProgramError("a prefill with sampled steps is for timing only: simulate it "
                                "with wafersim.whole.simulate_layout, which runs both sampled "
                                "bodies and extrapolates")
-        g, t, k = self.glue, self.short if short else self.body, self.copies
-        if (t.width, t.height, t.dtype) != (g.width, g.height, g.dtype) or k == 0:
+        g, t = self.glue, self.body
+        if (t.width, t.height, t.dtype) != (g.width, g.height, g.dtype) or self.copies == 0:
             raise ProgramError("stamped parts do not belong to one mesh")
         ports = self.ports
         want = (t.buf_rows[:ports], t.buf_cols[:ports], t.buf_core[:ports])
@@ -155,7 +185,33 @@ class Stamped:
         core_ptr = np.zeros(self.cores + 1, np.int64)
         np.cumsum(np.diff(g.core_ptr) + body_n, out=core_ptr[1:])
         loop_start = core_ptr[:-1] + (g.loop_start - g.core_ptr[:-1])
-        common = (g.core_ptr, g.loop_start, t.core_ptr, copy_of, self.offsets, core_ptr,
+        return Frame(copy_of, tcore, core_ptr, loop_start, loop_start + body_n)
+
+    def messages(self, names: tuple[str, ...] = _MESSAGES) -> dict[str, np.ndarray]:
+        """The expanded program's message and route columns: the glue's, then each copy's
+        (cores and links moved, route entries renumbered)."""
+        g, t, k = self.glue, self.body, self.copies
+        out = {}
+        for name in names:
+            if name == "route_ptr":
+                out[name] = np.concatenate([g.route_ptr, g.n_hops + np.cumsum(
+                    np.tile(np.diff(t.route_ptr), k))])
+            else:
+                out[name] = _stack(g, t, self.offsets, name,
+                                   shift={"msg_src": 1, "msg_dst": 1, "route_link": 4}.get(name))
+        return out
+
+    def expand(self, timing_only: bool = False, short: bool | None = None) -> MeshProgram:
+        """The whole program, every copy written out. `timing_only`: only what the simulator
+        reads (instruction kinds, costs and messages; no ops, operands or buffers: about half
+        the memory); such a program refuses functional execution and SRAM counts. A sampled
+        program expands only for timing, and `short` says which of its two bodies.
+        (wafersim.simulate runs the parts without expanding them.)"""
+        if self.sampled and timing_only and short is not None:
+            return self.with_body(short).expand(True)
+        f = self.frame()
+        g, t, ports = self.glue, self.body, self.ports
+        common = (g.core_ptr, g.loop_start, t.core_ptr, f.copy_of, self.offsets, f.core_ptr,
                   t.ins_kind)
         nbg, nbt = len(g.buf_core), len(t.buf_core) - ports
 
@@ -163,7 +219,7 @@ class Stamped:
             gc, tc = getattr(g, name), getattr(t, name)
             if name == "ins_imm":  # two float32 per instruction, moved as one int64
                 gc, tc = gc.view(np.int64).ravel(), tc.view(np.int64).ravel()
-            out = np.empty(int(core_ptr[-1]), gc.dtype)
+            out = np.empty(int(f.core_ptr[-1]), gc.dtype)
             _stamp_column(*common, gc, tc, out, mode, self.bind, ports, first, stride,
                           first_recv, stride_recv)
             return out.view(np.float32).reshape(-1, 2) if name == "ins_imm" else out
@@ -173,41 +229,19 @@ class Stamped:
                    ins_arg=column("ins_arg", ARG, g.n_messages, t.n_messages, g.n_hops,
                                   t.n_hops))
         if timing_only:
-            ins.update({f: getattr(g, f)[:0] for f in ("ins_op", "ins_a", "ins_b", "ins_c",
-                                                         "ins_imm")})
+            ins.update({f: getattr(g, f)[:0] for f in _OPERANDS})
+            bufs = {f: getattr(g, f)[:0] for f in _BUFFERS}
         else:
             ins.update(ins_op=column("ins_op"), ins_imm=column("ins_imm"),
                        **{f: column(f, BUFFER, nbg, nbt) for f in ("ins_a", "ins_b", "ins_c")})
-
-        def stack(name, part=slice(None), shift=0, tensor=False):
-            """Glue's column, then each copy's (cores, links or tensor ids moved)."""
-            gc, tc = getattr(g, name), getattr(t, name)[part]
-            out = np.empty(len(gc) + k * len(tc), gc.dtype)
-            out[:len(gc)] = gc
-            copies = out[len(gc):].reshape(k, len(tc))
-            copies[:] = tc
-            if shift:
-                copies += (shift * self.offsets[:, None]).astype(gc.dtype)
-            if tensor:
-                copies[copies >= 0] += len(g.tensors)
-            return out
-
-        body_bufs = slice(ports, None)  # the ports are glue buffers
-        if timing_only:
-            bufs = {f: getattr(g, f)[:0] for f in _BUFFERS}
-        else:
-            bufs = {f: stack(f, body_bufs, shift=f == "buf_core", tensor=f == "buf_tensor")
-                    for f in _BUFFERS}
-        msgs = {f: stack(f) for f in ("msg_bytes", "msg_colour", "msg_multicast")}
-        msgs.update(msg_src=stack("msg_src", shift=1), msg_dst=stack("msg_dst", shift=1),
-                    route_link=stack("route_link", shift=4),
-                    route_ptr=np.concatenate([g.route_ptr, g.n_hops + np.cumsum(
-                        np.tile(np.diff(t.route_ptr), k))]))
+            body_bufs = slice(ports, None)  # the ports are glue buffers
+            bufs = {f: _stack(g, t, self.offsets, f, body_bufs, shift=f == "buf_core",
+                              tensor=f == "buf_tensor") for f in _BUFFERS}
         return MeshProgram(
-            width=g.width, height=g.height, dtype=g.dtype, core_ptr=core_ptr, **ins, **bufs,
-            **msgs, tensors=g.tensors + t.tensors, loop_start=loop_start,
-            loop_end=loop_start + body_n, loop_count=self.loop_count, loop_base=self.loop_base,
-            meta={**g.meta, **t.meta, **({"timing_only": True} if timing_only else {})})
+            width=g.width, height=g.height, dtype=g.dtype, core_ptr=f.core_ptr, **ins, **bufs,
+            **self.messages(), tensors=g.tensors + t.tensors, loop_start=f.loop_start,
+            loop_end=f.loop_end, loop_count=self.loop_count, loop_base=self.loop_base,
+            meta={**self.meta, **({"timing_only": True} if timing_only else {})})
 
     def for_timing(self) -> Stamped:
         """These parts with only what expand(timing_only=True) reads: no operands, and of the
@@ -227,6 +261,32 @@ class Stamped:
         """The arrays besides the two programs, for the layout file."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in ("glue", "body", "ports", "short")}
+
+
+class Frame(NamedTuple):
+    """Per core of a stamped program's expansion: the copy holding it (-1: none), the body
+    core it copies, and its instructions (core_ptr) and layer loop (loop_start, loop_end)."""
+    copy_of: np.ndarray
+    tcore: np.ndarray
+    core_ptr: np.ndarray
+    loop_start: np.ndarray
+    loop_end: np.ndarray
+
+
+def _stack(g: MeshProgram, t: MeshProgram, offsets: np.ndarray, name: str,
+           part: slice = slice(None), shift: int = 0, tensor: bool = False) -> np.ndarray:
+    """Glue's column, then each copy's body column (cores, links or tensor ids moved)."""
+    gc, tc = getattr(g, name), getattr(t, name)[part]
+    k = len(offsets)
+    out = np.empty(len(gc) + k * len(tc), gc.dtype)
+    out[:len(gc)] = gc
+    copies = out[len(gc):].reshape(k, len(tc))
+    copies[:] = tc
+    if shift:
+        copies += (shift * offsets[:, None]).astype(gc.dtype)
+    if tensor:
+        copies[copies >= 0] += len(g.tensors)
+    return out
 
 
 _BUFFERS = ("buf_core", "buf_rows", "buf_cols", "buf_role", "buf_tensor", "buf_r0", "buf_c0")

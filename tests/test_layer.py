@@ -26,7 +26,7 @@ def _whole_step(cfg, layers: int, p: int, phase: str, ctx: int) -> int:
     graph = (build_graph(cfg, phase, seq_len=ctx) if phase == "prefill"
              else build_graph(cfg, phase, ctx_len=ctx))
     compiled = compile_model(graph, tgt, CompileOptions(region=(p, p)))
-    return simulate_layout(compiled.timing_program(), tgt, compiled.info(), "all")[
+    return simulate_layout(compiled.code, tgt, compiled.info(), "all")[
         "makespan_cycles"]
 
 

@@ -113,7 +113,7 @@ def test_gpt2_compiles_for_a_moderate_wafer():
     assert {"pos_embed", "final_norm_bias", "layers.{l}.o_bias", "layers.{l}.up_bias",
             "layers.{l}.attn_norm_bias"} <= names and "rope" not in names
     assert compiled.memory["sram_max_bytes"] <= mesh.sram_bytes
-    assert simulate(compiled.timing_program(), mesh).makespan_cycles > 0
+    assert simulate(compiled.code, mesh).makespan_cycles > 0
     with pytest.raises(ProgramError, match="does not fit") as err:
         compile_model(build_graph(cfg, "decode", ctx_len=64), load_target("wse2").with_mesh(64, 64))
     assert "\n" not in str(err.value)
@@ -128,7 +128,7 @@ def test_gpt2_compiles_for_a_moderate_wafer():
 ])
 def test_default_policy_is_at_least_as_fast_as_every_alternative(cfg, mesh):
     graph = build_graph(cfg, "decode", ctx_len=64)
-    times = {p: simulate(compile_model(graph, mesh, CompileOptions(policy=p)).timing_program(),
+    times = {p: simulate(compile_model(graph, mesh, CompileOptions(policy=p)).code,
                          mesh).makespan_cycles for p in POLICIES}
     assert times["waferllm"] == min(times.values()), times
 

@@ -64,7 +64,7 @@ def test_layout_stores_the_parts_and_loads_the_expansion(compiled, tmp_path):
 
 
 def test_timing_only_simulates_alike_and_refuses_functional_use(compiled):
-    timing = compiled.timing_program()
+    timing = compiled.code.expand(True)
     assert len(timing.buf_core) == 0 and len(timing.ins_a) == 0
     full, fast = simulate(compiled.program, MESH), simulate(timing, MESH)
     assert fast.makespan_cycles == full.makespan_cycles and fast.events == full.events
@@ -75,6 +75,35 @@ def test_timing_only_simulates_alike_and_refuses_functional_use(compiled):
         execute(timing, {})
     with pytest.raises(ProgramError, match="timing only"):
         timing.sram_per_core()
+
+
+def _same_run(a, b) -> None:
+    assert (a.makespan_cycles, a.events, a.messages, a.hops, a.flops, a.sram_bytes) == (
+        b.makespan_cycles, b.events, b.messages, b.hops, b.flops, b.sram_bytes)
+    for f in ("core_busy", "core_overhead", "core_wait", "core_active", "link_bytes",
+              "link_busy"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+
+
+@pytest.mark.parametrize("case", ["decode", "unequal-layers", "prefill-short", "prefill-long"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_parts_simulate_as_their_expansion(case, threads, request):
+    """simulate() encodes a stamped program from its parts (the body's words copied into every
+    region, their slots, route entries, multicast table and links moved) and tallies it copy
+    by copy: the same run, to the cycle, and the same totals as its expansion. Cases: regions
+    of one layer each; regions of 2, 4 and 4 layers (loops); both bodies of a sampled
+    prefill."""
+    if case == "decode":
+        code = request.getfixturevalue("compiled").code
+    elif case == "unequal-layers":
+        cfg = dataclasses.replace(CFG, num_hidden_layers=10)
+        code = compile_model(build_graph(cfg, "decode", batch=2, ctx_len=9), MESH,
+                             CompileOptions(region=(4, 16))).code
+        assert {2, 4} <= set(code.loop_count.tolist())
+    else:
+        code = request.getfixturevalue("sampled").code.with_body(case == "prefill-short")
+    assert code.body.msg_multicast.any() and code.glue.msg_multicast.any()
+    _same_run(simulate(code, MESH, threads=threads), simulate(code.expand(True), MESH))
 
 
 def test_ports_bound_to_buffers_of_another_shape_are_refused(compiled):
@@ -293,8 +322,6 @@ def test_a_sampled_prefill_is_for_timing_only_and_keeps_both_bodies(sampled, tmp
         code.expand()
     with pytest.raises(ProgramError, match="timing only"):
         code.expand(True)  # which body?
-    with pytest.raises(ProgramError, match="timing only"):
-        sampled.timing_program()
     with pytest.raises(ProgramError, match="timing only"):
         code.sram_per_core()  # the bodies keep only their ports' buffers
     assert code.expand(True, short=True).n_messages < code.expand(True, short=False).n_messages

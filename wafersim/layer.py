@@ -237,7 +237,7 @@ def _mix(*terms) -> dict:
 
 def _decode_layer(compiled, tgt: MeshTarget):
     """The 2-layer step minus the 1-layer step: (layer, 1-layer step cycles, runs)."""
-    program = compiled.timing_program()
+    program = compiled.code
     one, two = (simulate(dataclasses.replace(program, loop_count=np.minimum(
         program.loop_count, n)), tgt) for n in (1, 2))
     return _mix((1, two), (-1, one)), one.makespan_cycles, [one, two]

@@ -20,11 +20,13 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numba
 import numpy as np
 
 from compiler.program import COMPUTE, KIND_NAMES, RECV, SEND, MeshProgram
+from compiler.stamp import Stamped
 from compiler.targets import MeshTarget
 from wafersim.engine import (
     DEADLOCK,
@@ -251,22 +253,53 @@ def _tally(core_ptr, ins_kind, ins_arg, ins_flops, ins_bytes, loop_start, loop_e
     return messages, hops, flops, sram, link_bytes, link_busy
 
 
-def totals(program: MeshProgram, target: MeshTarget) -> dict:
+def totals(program: MeshProgram | Stamped, target: MeshTarget) -> dict:
     """What one run of `program` does, every loop iteration counted: messages, hops, FLOPs,
-    SRAM bytes read and written by compute, and bytes and busy cycles per link."""
+    SRAM bytes read and written by compute, and bytes and busy cycles per link. A stamped
+    program's from its parts: the glue's, then the body's for each copy, with that copy's
+    layer counts and its links."""
     keys = ("messages", "hops", "flops", "sram_bytes", "link_bytes", "link_busy")
-    return dict(zip(keys, _tally(
-        np.asarray(program.core_ptr, np.int64), program.ins_kind, program.ins_arg,
-        program.ins_flops, program.ins_bytes, *_loops(program), program.route_ptr,
-        program.route_link, program.msg_bytes, float(target.link_bytes_per_cycle),
-        program.cores * 4)))
+    bw = float(target.link_bytes_per_cycle)
+
+    def tally(p, loops):
+        return list(_tally(np.asarray(p.core_ptr, np.int64), p.ins_kind, p.ins_arg, p.ins_flops,
+                           p.ins_bytes, *loops, p.route_ptr, p.route_link, p.msg_bytes, bw,
+                           p.cores * 4))
+
+    if not isinstance(program, Stamped):
+        return dict(zip(keys, tally(program, _loops(program))))
+    g, t = program.glue, program.body
+    out = tally(g, _no_loop(g, g.loop_start))  # the glue's loop is where the body goes
+    cores = np.flatnonzero(np.diff(t.core_ptr))
+    counts = np.ones(program.cores, np.int64)
+    for off in program.offsets:
+        counts[cores] = program.loop_count[cores + off]
+        part = tally(t, (t.core_ptr[:-1], t.core_ptr[1:], counts))
+        for i in range(4):
+            out[i] += part[i]
+        for i in (4, 5):  # this copy's links: 4 per core further on
+            _add_shifted(out[i], part[i], 4 * int(off))
+    return dict(zip(keys, out))
+
+
+def _add_shifted(out: np.ndarray, a: np.ndarray, shift: int) -> None:
+    """out[i + shift] += a[i] (a's entries shifted out of range are zero)."""
+    if shift >= 0:
+        out[shift:] += a[:len(a) - shift]
+    else:
+        out[:shift] += a[-shift:]
 
 
 def _loops(program: MeshProgram):
     if len(program.loop_count):
         return tuple(np.asarray(a, dtype=np.int64) for a in (
             program.loop_start, program.loop_end, program.loop_count))
-    start = np.asarray(program.core_ptr[:-1], dtype=np.int64)
+    return _no_loop(program)
+
+
+def _no_loop(program: MeshProgram, at: np.ndarray | None = None):
+    """Loop arrays for `program` run once (an empty loop at instruction `at` of each core)."""
+    start = np.asarray(program.core_ptr[:-1] if at is None else at, dtype=np.int64)
     return start, start, np.ones(program.cores, dtype=np.int64)
 
 
@@ -296,37 +329,26 @@ def _bad_route(msg_src, msg_dst, route_ptr, route_link, width, height):
     return -1, 0
 
 
-def kernel_args(program: MeshProgram, target: MeshTarget, max_events: int | None = None,
-                arrivals: bool = True):
-    """The kernel's positional arguments, in order (also used by the SimPy reference).
+class _Encoded(NamedTuple):
+    """_encode's arrays and counts."""
+    code: np.ndarray
+    code_ptr: np.ndarray
+    loop_start: np.ndarray
+    loop_end: np.ndarray
+    mc_slot: np.ndarray
+    n_slots: int
+    runs: int
+    sends: int
 
-    `arrivals`: the kernel records every route entry's delivery time (8 bytes per hop; needed
-    by callers that read the kernel's `entry_arrival`, not by `simulate`)."""
-    if program.width > target.width or program.height > target.height:
-        raise SimulationError(f"program needs a {program.width}x{program.height} mesh, target "
-                              f"{target.name} has {target.width}x{target.height}")
-    if program.n_hops >= 2**31 - 1 or program.n_messages > MAX_OPERAND:
-        raise SimulationError(f"program has {program.n_hops:,} message hops and "
-                              f"{program.n_messages:,} messages; the engine takes at most "
-                              f"2**31 - 2 and {MAX_OPERAND:,}")
-    core_ptr = np.asarray(program.core_ptr, dtype=np.int64)
-    route_ptr = program.route_ptr
-    route_link = program.route_link
-    loops = _loops(program)
-    link_bw = float(target.link_bytes_per_cycle)
-    with ThreadPoolExecutor(1) as pool:  # the encoding reads no link beyond a route's first
-        check = pool.submit(_bad_route, program.msg_src, program.msg_dst, route_ptr,
-                            route_link, program.width, program.height)
-        code, code_ptr, loop_start, loop_end, mc_slot, n_slots, runs, sends, err, at = _encode(
-            core_ptr, program.ins_kind, program.ins_flops, program.ins_bytes, program.ins_arg,
-            float(target.rate(program.dtype)), float(target.sram_bytes_per_cycle), route_ptr,
-            route_link, program.width, program.msg_bytes, program.msg_multicast, link_bw,
-            *loops)
-        m, why = check.result()
-    if m >= 0:
-        src = int(program.msg_src[m])
-        raise SimulationError(f"message {m} from core ({src % program.width},"
-                              f"{src // program.width}): its route {_ROUTE_FAULTS[why]}")
+
+def _encoded(program: MeshProgram, target: MeshTarget, loops, what: str = "") -> _Encoded:
+    """_encode of `program` with `loops`; an error names the instruction (in `what`)."""
+    *out, err, at = _encode(
+        np.asarray(program.core_ptr, np.int64), program.ins_kind, program.ins_flops,
+        program.ins_bytes, program.ins_arg, float(target.rate(program.dtype)),
+        float(target.sram_bytes_per_cycle), program.route_ptr, program.route_link,
+        program.width, program.msg_bytes, program.msg_multicast,
+        float(target.link_bytes_per_cycle), *loops)
     if err:
         why = {1: f"its compute takes more than {MAX_OPERAND:,} cycles",
                2: "it names an unknown message or route entry",
@@ -335,21 +357,142 @@ def kernel_args(program: MeshProgram, target: MeshTarget, max_events: int | None
                5: "the core's loop lies outside its instructions",
                6: f"it takes more than {MAX_OPERAND:,} cycles per link",
                7: f"the program receives more than {MAX_OPERAND:,} route entries"}[err]
-        what = {5: "core", 6: "message"}.get(err, "instruction")
-        raise SimulationError(f"{what} {at} cannot be simulated: {why}")
+        name = {5: "core", 6: "message"}.get(err, "instruction")
+        raise SimulationError(f"{name} {at}{what} cannot be simulated: {why}")
+    return _Encoded(*out)
+
+
+def _encoded_stamped(st: Stamped, target: MeshTarget) -> tuple[_Encoded, np.ndarray]:
+    """The encoding of a stamped program's expansion, and its core_ptr, without expanding it:
+    the glue and the body are encoded once each, then the body's words are copied into every
+    copy's cores (`_stamp_code`). Delivery slots: the glue's, then each copy's in turn."""
+    f = st.frame()
+    g, t, k = st.glue, st.body, st.copies
+    ge = _encoded(g, target, _no_loop(g, g.loop_start), " of the stamped program's glue")
+    te = _encoded(t, target, _no_loop(t), " of the stamped program's layer body")
+    n_slots = ge.n_slots + k * te.n_slots
+    if n_slots > MAX_OPERAND:
+        raise SimulationError(f"the program receives {n_slots:,} route entries; the engine "
+                              f"takes at most {MAX_OPERAND:,}")
+    body_words = np.where(f.copy_of >= 0, np.diff(te.code_ptr)[f.tcore], 0)
+    code_ptr = np.zeros(st.cores + 1, np.int64)
+    np.cumsum(np.diff(ge.code_ptr) + body_words, out=code_ptr[1:])
+    loop_start = code_ptr[:-1] + (ge.loop_start - ge.code_ptr[:-1])
+    code = np.empty(int(code_ptr[-1]), np.int32)
+    runs, sends = _stamp_code(ge.code, ge.code_ptr, ge.loop_start, te.code, te.code_ptr,
+                              f.copy_of, st.offsets, st.loop_count, code_ptr, code, g.n_hops,
+                              t.n_hops, ge.n_slots, te.n_slots, len(ge.mc_slot),
+                              len(te.mc_slot))
+    received = te.mc_slot >= 0
+    copies = np.where(received, te.mc_slot + ge.n_slots, -1) + np.outer(
+        np.arange(k) * te.n_slots, received)
+    mc_slot = np.concatenate([ge.mc_slot, copies.ravel().astype(np.int32)])
+    return _Encoded(code, code_ptr, loop_start, loop_start + body_words, mc_slot, n_slots,
+                    ge.runs + runs, ge.sends + sends), f.core_ptr
+
+
+@numba.njit(cache=True, nogil=True)
+def _stamp_code(g_code, g_ptr, g_split, t_code, t_ptr, copy_of, offsets, loop_count, out_ptr,
+                out, g_entries, t_entries, g_slots, t_slots, g_mc, t_mc):
+    """The words of a stamped program (as _stamp_column writes its instructions): each core's
+    glue words before the split, its copy's body words, the rest of its glue words; in copy k
+    a body word's delivery slot, route entry, multicast table offset and first link are moved
+    to copy k's. Returns (instructions and hops run, SENDs run) of the copies."""
+    runs = 0
+    sends = 0
+    for c in range(out_ptr.shape[0] - 1):
+        o = out_ptr[c]
+        for w in range(g_ptr[c], g_split[c]):
+            out[o] = g_code[w]
+            o += 1
+        k = copy_of[c]
+        if k >= 0:
+            tc = c - offsets[k]
+            reps = np.int64(loop_count[c])
+            slots = g_slots + k * t_slots
+            entries = g_entries + k * t_entries
+            w = t_ptr[tc]
+            while w < t_ptr[tc + 1]:
+                word = t_code[w]
+                kind = word & 3
+                if kind == SEND:
+                    out[o:o + SEND_WORDS] = t_code[w:w + SEND_WORDS]
+                    out[o + 1] += entries
+                    if t_code[w + 2] < 0:  # multicast: mc_slot[entry + d] is the entry's slot
+                        out[o + 3] += g_mc + k * t_mc - entries
+                    elif t_code[w + 3] >= 0:
+                        out[o + 3] += slots
+                    out[o + 4] += 4 * offsets[k]
+                    runs += reps * (1 + (word >> KIND_BITS))
+                    sends += reps
+                    o += SEND_WORDS
+                    w += SEND_WORDS
+                    continue
+                out[o] = word + (slots << KIND_BITS) if kind == RECV else word
+                runs += reps
+                o += 1
+                w += 1
+        for w in range(g_split[c], g_ptr[c + 1]):
+            out[o] = g_code[w]
+            o += 1
+    return runs, sends
+
+
+def _checked_routes(program: MeshProgram | Stamped) -> np.ndarray:
+    """The program's route_link, after checking that every route walks the mesh from its
+    message's source to its destination."""
+    names = ("msg_src", "msg_dst", "route_ptr", "route_link")
+    cols = (program.messages(names) if isinstance(program, Stamped)
+            else {n: getattr(program, n) for n in names})
+    m, why = _bad_route(cols["msg_src"], cols["msg_dst"], cols["route_ptr"], cols["route_link"],
+                        program.width, program.height)
+    if m >= 0:
+        src = int(cols["msg_src"][m])
+        raise SimulationError(f"message {m} from core ({src % program.width},"
+                              f"{src // program.width}): its route {_ROUTE_FAULTS[why]}")
+    return cols["route_link"]
+
+
+def kernel_args(program: MeshProgram | Stamped, target: MeshTarget,
+                max_events: int | None = None, arrivals: bool = True):
+    """The kernel's positional arguments, in order (also used by the SimPy reference).
+
+    `arrivals`: the kernel records every route entry's delivery time (8 bytes per hop; needed
+    by callers that read the kernel's `entry_arrival`, not by `simulate`). A stamped program
+    is encoded from its parts (`_encoded_stamped`), never expanded."""
+    if program.width > target.width or program.height > target.height:
+        raise SimulationError(f"program needs a {program.width}x{program.height} mesh, target "
+                              f"{target.name} has {target.width}x{target.height}")
+    if program.n_hops >= 2**31 - 1 or program.n_messages > MAX_OPERAND:
+        raise SimulationError(f"program has {program.n_hops:,} message hops and "
+                              f"{program.n_messages:,} messages; the engine takes at most "
+                              f"2**31 - 2 and {MAX_OPERAND:,}")
+    with ThreadPoolExecutor(1) as pool:  # the encoding reads no link beyond a route's first
+        routes = pool.submit(_checked_routes, program)
+        try:
+            if isinstance(program, Stamped):
+                enc, core_ptr = _encoded_stamped(program, target)
+                loop_count = np.asarray(program.loop_count, np.int64)
+            else:
+                loops = _loops(program)
+                enc = _encoded(program, target, loops)
+                core_ptr, loop_count = np.asarray(program.core_ptr, np.int64), loops[2]
+        finally:
+            route_link = routes.result()  # a bad route is the first error reported
     if max_events is None:
-        max_events = 4 * (program.cores + runs) + 16
-    return (core_ptr, code_ptr, code, route_link, mc_slot, n_slots, program.cores * 4,
-            program.width, target.hop_latency_cycles, target.send_overhead_cycles,
-            target.recv_overhead_cycles, target.compute_overhead_cycles, max_events, sends,
-            loop_start, loop_end, loops[2], arrivals)
+        max_events = 4 * (program.cores + enc.runs) + 16
+    return (core_ptr, enc.code_ptr, enc.code, route_link, enc.mc_slot, enc.n_slots,
+            program.cores * 4, program.width, target.hop_latency_cycles,
+            target.send_overhead_cycles, target.recv_overhead_cycles,
+            target.compute_overhead_cycles, max_events, enc.sends, enc.loop_start,
+            enc.loop_end, loop_count, arrivals)
 
 
 MAX_EVENTS_ARG = 12  # position of max_events in kernel_args' tuple
 THREAD_MIN_HOPS = 1 << 20  # smaller programs run on one thread: starting more costs more
 
 
-def kernel_threads(program: MeshProgram) -> int:
+def kernel_threads(program: MeshProgram | Stamped) -> int:
     """Threads for the kernel: the cores this process may use (WAFERSIM_THREADS overrides),
     or 1 for programs of fewer than THREAD_MIN_HOPS route entries."""
     env = os.environ.get("WAFERSIM_THREADS", "").strip()
@@ -362,10 +505,11 @@ def kernel_threads(program: MeshProgram) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def simulate(program: MeshProgram, target: MeshTarget, max_events: int | None = None,
+def simulate(program: MeshProgram | Stamped, target: MeshTarget, max_events: int | None = None,
              threads: int | None = None) -> SimResult:
-    """Simulate `program` on `target`; raises SimulationError on deadlock or watchdog.
-    `threads`: the kernel's (default `kernel_threads`); any number gives the same result."""
+    """Simulate `program` (or a stamped program's parts, as its expansion) on `target`;
+    raises SimulationError on deadlock or watchdog. `threads`: the kernel's (default
+    `kernel_threads`); any number gives the same result."""
     threads = kernel_threads(program) if threads is None else threads
     with ThreadPoolExecutor(1) as pool:
         # The totals beside the kernel; beside the encoding when the kernel takes every core.
@@ -384,7 +528,8 @@ def simulate(program: MeshProgram, target: MeshTarget, max_events: int | None = 
         raise SimulationError(f"watchdog: more than {args[MAX_EVENTS_ARG]:,} events; the "
                               "program does not terminate")
     if status == DEADLOCK:
-        raise SimulationError(_deadlock_message(program, pc))
+        raise SimulationError(_deadlock_message(
+            program.expand(True) if isinstance(program, Stamped) else program, pc))
     if status == OVERRUN:
         raise SimulationError("a loop iteration delivered a message before the previous "
                               "iteration's copy was received; simulate the layers unrolled")
@@ -394,7 +539,7 @@ def simulate(program: MeshProgram, target: MeshTarget, max_events: int | None = 
         system=target.name, width=program.width, height=program.height,
         clock_hz=target.clock_hz, makespan_cycles=int(core_time.max(initial=0)),
         core_busy=busy, core_overhead=overhead, core_wait=wait,
-        core_active=np.diff(program.core_ptr) > 0,
+        core_active=np.diff(args[0]) > 0,
         link_bytes=tot["link_bytes"], link_busy=tot["link_busy"],
         messages=int(tot["messages"]), hops=int(tot["hops"]), events=int(events),
         sim_wall_s=wall, flops=int(tot["flops"]), sram_bytes=int(tot["sram_bytes"]),

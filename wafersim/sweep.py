@@ -441,7 +441,7 @@ def run_point(point: Point) -> dict:
         graph = step_graph(point.cfg, point.phase, point.batch, point.ctx)
         compiled = compile_model(graph, point.target, point.options)
         row["compile_wall_s"] = time.perf_counter() - t0
-        summary = simulate_layout(compiled.timing_program(), point.target, compiled.info(),
+        summary = simulate_layout(compiled.code, point.target, compiled.info(),
                                   point.layers)
         row.update({k: _plain(summary.get(k)) for k in RESULT_COLUMNS if k not in point.axes})
     except MemoryError:
@@ -465,7 +465,7 @@ def warm_up() -> float:
 
     tgt = load_target("test16x16")
     compiled = compile_model(build_graph(cfg, "decode", ctx_len=16), tgt)
-    simulate_layout(compiled.timing_program(), tgt, compiled.info(), "one")
+    simulate_layout(compiled.code, tgt, compiled.info(), "one")
     return time.perf_counter() - t0
 
 

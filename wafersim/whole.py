@@ -34,7 +34,8 @@ from wafersim.simulate import simulate, totals
 LAYER_MODES = ("all", "one")
 
 
-def _with_counts(program: MeshProgram, cap: int, region: dict | None = None) -> MeshProgram:
+def _with_counts(program: MeshProgram | Stamped, cap: int, region: dict | None = None
+                 ) -> MeshProgram | Stamped:
     """Loops capped at `cap` runs; with `region` (a placement), that region's at cap + 1."""
     count = np.minimum(program.loop_count, cap)
     if region is not None:
@@ -54,7 +55,7 @@ SAMPLED_CAVEAT = ("steps {} and {} of {} simulated and extrapolated, not checked
                   "28% for LLaMA-3-8B's 512-token prompt on 375 x 375 regions, docs/validation.md)")
 
 
-def _run(program: MeshProgram, target: MeshTarget, info: dict, layers: str,
+def _run(program: MeshProgram | Stamped, target: MeshTarget, info: dict, layers: str,
          sampled: bool = False):
     """(SimResult of a run, the step's cycles, events, totals, layers extrapolated)."""
     if layers == "all" or not program.looped or program.loop_count.max() <= 2:
@@ -80,7 +81,7 @@ def _run(program: MeshProgram, target: MeshTarget, info: dict, layers: str,
 def simulate_layout(code: MeshProgram | Stamped, target: MeshTarget, info: dict,
                     layers: str = "all") -> dict:
     """Simulate and return the DESIGN.md summary keys plus the whole-model figures. `code`: a
-    program, or a stamped program's parts (expanded here, timing only)."""
+    program, or a stamped program's parts (simulated without expanding them)."""
     if layers not in LAYER_MODES:
         raise ValueError(f"--layers {layers!r} is not one of {', '.join(LAYER_MODES)}")
     t0 = time.perf_counter()
@@ -88,16 +89,16 @@ def simulate_layout(code: MeshProgram | Stamped, target: MeshTarget, info: dict,
     if sampled:
         steps = info["memory"]["steps"]
         (t1, t2), full = steps["sampled"], steps["full"]
-        _, short, ev_short, tot_short, _ = _run(code.expand(True, short=True), target, info,
-                                                layers, True)
-        program = code.expand(True, short=False)
+        _, short, ev_short, tot_short, _ = _run(code.with_body(True), target, info, layers,
+                                                True)
+        program = code.with_body(False)
         res, long_, events, tot, extrapolated = _run(program, target, info, layers, True)
         w = (full - t2) / (t2 - t1)  # the step, linear in the sampled steps
         makespan = long_ + w * (long_ - short)
         tot = {k: v + w * (v - tot_short[k]) for k, v in tot.items()}
         events += ev_short
     else:
-        program = code.expand(True) if isinstance(code, Stamped) else code
+        program = code
         res, makespan, events, tot, extrapolated = _run(program, target, info, layers)
     wall = time.perf_counter() - t0
     batch, phase = info["batch"], info["phase"]
