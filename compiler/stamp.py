@@ -16,7 +16,9 @@ layout file. A `Stamped` program keeps the parts instead:
 `expand()` writes the whole program out in one linear pass (the body's instructions in
 per-core order are copied, their buffers, messages and route entries renumbered and their
 cores moved), so it is the same program the builder would have made, in a fraction of the
-time; the layout file stores the parts.
+time; the layout file stores the parts, and the simulator runs them without expanding them
+(wafersim.simulate encodes the glue and the body once each; `frame` and `messages` say where
+the copies go).
 
 A prefill body too large to build whole has sampled steps (compiler.algorithms.prefill): then
 `body` runs more sampled steps than `short`, with the same buffers, and both expand, for
@@ -209,17 +211,17 @@ class Stamped:
         (wafersim.simulate runs the parts without expanding them.)"""
         if self.sampled and timing_only and short is not None:
             return self.with_body(short).expand(True)
-        f = self.frame()
+        frame = self.frame()
         g, t, ports = self.glue, self.body, self.ports
-        common = (g.core_ptr, g.loop_start, t.core_ptr, f.copy_of, self.offsets, f.core_ptr,
-                  t.ins_kind)
+        common = (g.core_ptr, g.loop_start, t.core_ptr, frame.copy_of, self.offsets,
+                  frame.core_ptr, t.ins_kind)
         nbg, nbt = len(g.buf_core), len(t.buf_core) - ports
 
         def column(name, mode=COPY, first=0, stride=0, first_recv=0, stride_recv=0):
             gc, tc = getattr(g, name), getattr(t, name)
             if name == "ins_imm":  # two float32 per instruction, moved as one int64
                 gc, tc = gc.view(np.int64).ravel(), tc.view(np.int64).ravel()
-            out = np.empty(int(f.core_ptr[-1]), gc.dtype)
+            out = np.empty(int(frame.core_ptr[-1]), gc.dtype)
             _stamp_column(*common, gc, tc, out, mode, self.bind, ports, first, stride,
                           first_recv, stride_recv)
             return out.view(np.float32).reshape(-1, 2) if name == "ins_imm" else out
@@ -238,9 +240,9 @@ class Stamped:
             bufs = {f: _stack(g, t, self.offsets, f, body_bufs, shift=f == "buf_core",
                               tensor=f == "buf_tensor") for f in _BUFFERS}
         return MeshProgram(
-            width=g.width, height=g.height, dtype=g.dtype, core_ptr=f.core_ptr, **ins, **bufs,
-            **self.messages(), tensors=g.tensors + t.tensors, loop_start=f.loop_start,
-            loop_end=f.loop_end, loop_count=self.loop_count, loop_base=self.loop_base,
+            width=g.width, height=g.height, dtype=g.dtype, core_ptr=frame.core_ptr, **ins,
+            **bufs, **self.messages(), tensors=g.tensors + t.tensors, loop_start=frame.loop_start,
+            loop_end=frame.loop_end, loop_count=self.loop_count, loop_base=self.loop_base,
             meta={**self.meta, **({"timing_only": True} if timing_only else {})})
 
     def for_timing(self) -> Stamped:
