@@ -5,7 +5,10 @@ them: code words with compute cycles, delivery slots and inline messages; the mu
 table), runs the kernel, and packs a SimResult. The conversions are Numba loops over the
 program's arrays, so they allocate only their outputs and per-message scratch (no
 per-instruction or per-hop temporaries), whatever the integer dtypes of the program's arrays;
-values that do not fit the kernel's int32 words raise SimulationError.
+values that do not fit the kernel's int32 words raise SimulationError. A stamped program
+(compiler.stamp) is run from its parts, never expanded: the glue and the layer body are encoded
+once each and the body's words copied into every region (`_encoded_stamped`), and the totals
+are tallied copy by copy; the run is the expansion's to the cycle.
 
 The route check runs beside the encoding, and the totals beside the kernel, each in a second
 thread (all of them are Numba loops that release the GIL): on a machine with two or more cores
