@@ -12,7 +12,7 @@ import pytest
 
 from compiler.layout import load_code, load_layout, save_layout
 from compiler.model import CompileOptions, compile_model
-from compiler.program import MeshProgram, ProgramError
+from compiler.program import SEND, MeshProgram, ProgramError
 from compiler.stamp import Stamped
 from compiler.targets import load_target
 from models.config import load_model
@@ -104,6 +104,19 @@ def test_the_parts_simulate_as_their_expansion(case, threads, request):
         code = request.getfixturevalue("sampled").code.with_body(case == "prefill-short")
     assert code.body.msg_multicast.any() and code.glue.msg_multicast.any()
     _same_run(simulate(code, MESH, threads=threads), simulate(code.expand(True), MESH))
+
+
+def test_a_bad_instruction_in_the_parts_is_named_in_one_line(compiled):
+    from wafersim.result import SimulationError
+
+    code = compiled.code
+    arg = code.body.ins_arg.copy()
+    arg[np.flatnonzero(code.body.ins_kind == SEND)[0]] = code.body.n_messages  # no such message
+    bad = dataclasses.replace(code, body=dataclasses.replace(code.body, ins_arg=arg))
+    with pytest.raises(SimulationError, match="of the stamped program's layer body cannot be "
+                       "simulated: it names an unknown message") as err:
+        simulate(bad, MESH)
+    assert "\n" not in str(err.value)
 
 
 def test_ports_bound_to_buffers_of_another_shape_are_refused(compiled):
