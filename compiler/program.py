@@ -17,10 +17,12 @@ A RECV names a *route entry* (one hop of one message): the delivery it waits for
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numba
 import numpy as np
+from numba.typed import List
 
 from compiler.targets import DTYPE_BYTES, MeshTarget
 
@@ -69,6 +71,8 @@ DIRECTION_NAMES = ("E", "W", "N", "S")
 # Largest program the builder makes: about 200 bytes per message on this 24 GB machine class.
 MAX_MESSAGES = 40_000_000
 _BUF_TYPES = (np.int32, np.int32, np.int32, np.int8, np.int16, np.int32, np.int32)
+TOO_LARGE = ("an instruction of more than 2**31 FLOPs or SRAM bytes (a tile larger than any "
+             "core's SRAM)")
 # Buffer roles.
 # STATE buffers are loaded from their tensor like INPUT and gathered like OUTPUT (a KV cache).
 SCRATCH, INPUT, OUTPUT, STATE = 0, 1, 2, 3
@@ -151,10 +155,14 @@ class MeshProgram:
             raise ProgramError(f"{what} needs the program's buffers; this program was loaded "
                                "for timing only")
 
-    def templated(self) -> np.ndarray:
-        """Per buffer: its tensor is per loop iteration (a layer's weight or cache)."""
-        per_layer = np.array([("{l}" in name) for name, _, _ in self.tensors] + [False])
-        return per_layer[self.buf_tensor]  # tensor -1 (scratch) maps to the False sentinel
+    def templated(self, which=slice(None)) -> np.ndarray:
+        """Per buffer (of `which`): its tensor is per loop iteration (a layer's weight or
+        cache)."""
+        return self._per_layer()[self.buf_tensor[which]]
+
+    def _per_layer(self) -> np.ndarray:
+        """Per tensor: per loop iteration; then a False for tensor -1 (scratch)."""
+        return np.array([("{l}" in name) for name, _, _ in self.tensors] + [False])
 
     @property
     def entry_msg(self) -> np.ndarray:
@@ -165,19 +173,24 @@ class MeshProgram:
     def dtype_bytes(self) -> float:
         return DTYPE_BYTES[self.dtype]
 
-    def buffer_bytes(self) -> np.ndarray:
-        """Bytes of every buffer."""
-        return np.ceil(self.buf_rows.astype(np.int64) * self.buf_cols * self.dtype_bytes
-                       ).astype(np.int64)
+    def buffer_bytes(self, which=slice(None)) -> np.ndarray:
+        """Bytes of every buffer (of `which`)."""
+        return np.ceil(self.buf_rows[which].astype(np.int64) * self.buf_cols[which]
+                       * self.dtype_bytes).astype(np.int64)
 
     def sram_per_core(self) -> np.ndarray:
         """Bytes each core holds: every buffer lives for the whole program; a per-layer buffer
         (weights, cache) once per layer of its core's loop, scratch once (reused)."""
+        once, each = self.sram_split
+        return once + each * self.loop_count if len(self.loop_count) else once + each
+
+    @functools.cached_property
+    def sram_split(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per core: bytes of the buffers held once, and of the per-layer buffers of one loop
+        iteration (computed once per program: a full wafer's program has tens of millions)."""
         self.require_buffers("SRAM per core")
-        size = self.buffer_bytes()
-        if len(self.loop_count):
-            size = np.where(self.templated(), size * self.loop_count[self.buf_core], size)
-        return np.bincount(self.buf_core, weights=size, minlength=self.cores).astype(np.int64)
+        return _sram_split(self.buf_core, self.buf_rows, self.buf_cols, self.buf_tensor,
+                           self._per_layer(), float(self.dtype_bytes), self.cores)
 
     def colours_per_core(self) -> np.ndarray:
         """Distinct routing colours each router carries (source, transit or destination)."""
@@ -430,7 +443,10 @@ class ProgramBuilder:
         start, n = self._n_bufs, len(core)
         if start + n > len(self._buf[0]):
             size = max(2 * len(self._buf[0]), start + n)
-            self._buf = [np.resize(a, size) for a in self._buf]
+            grown = [np.empty(size, a.dtype) for a in self._buf]
+            for old, new in zip(self._buf, grown):
+                new[:start] = old[:start]
+            self._buf = grown
         for a, v in zip(self._buf, (core, rows, cols, role, tensor, r0, c0)):
             a[start:start + n] = v
         self._n_bufs += n
@@ -497,18 +513,20 @@ class ProgramBuilder:
         """Order everything into a MeshProgram. `loop` = (first step, end step, count per core,
         base per core): each core's instructions with steps in [first, end) form its loop.
 
-        Linear in the program's size (counting sorts and one pass per column), so a full
-        wafer's tens of millions of instructions build in seconds.
+        Linear in the program's size, so a full wafer's tens of millions of instructions build
+        in seconds: a counting sort gives every instruction its place; a column whose value is
+        one scalar per batch (the kind, the op, most costs and hops) is then written from a
+        per-batch table in that order, and only the batches that carry arrays are scattered.
         """
         cores = self.width * self.height
         n = self._n_ins
         batches = self._ins
+        sizes = np.array([len(batch[0]) for batch in batches], np.int64)
 
-        def column(i, dtype):
+        def column(i, dtype):  # in the order added
             out = np.empty(n, dtype=dtype)
             at = 0
-            for batch in batches:
-                size = len(batch[0])
+            for batch, size in zip(batches, sizes):
                 out[at:at + size] = batch[i]
                 at += size
             return out
@@ -523,7 +541,8 @@ class ProgramBuilder:
         if n and (core.min() < 0 or core.max() >= cores):
             raise ProgramError(f"instruction on a core outside the {self.width}x{self.height} mesh")
         step = column(1, np.int64)
-        order, core_ptr = _order_by_core(core, step, cores)
+        pos, batch_at, core_ptr = _order_by_core(core, step, sizes, cores)
+        placed = functools.partial(_placed, batches, sizes, pos, batch_at)  # program order
         loops = {}
         if loop is not None:
             first, end, count, base = loop
@@ -534,59 +553,48 @@ class ProgramBuilder:
                 loop_base=np.broadcast_to(base, cores).astype(np.int64).copy())
             if np.any(loops["loop_count"] < 1):
                 raise ProgramError("a loop count must be >= 1")
-        del step
-        core = core[order]
-        kind, op = column(2, np.int8)[order], column(3, np.int8)[order]
-        a, b, c = (column(i, np.int32)[order] for i in (4, 5, 6))
-        arg = column(9, np.int64)[order]
+        del core, step
+        kind, op = placed(2, np.int8), placed(3, np.int8)
+        a, b, c = (placed(i, np.int32) for i in (4, 5, 6))
+        arg = placed(9, np.int32)
         n_msgs = len(msg[0])
-        if np.any((kind != COMPUTE) & ((arg < 0) | (arg >= n_msgs))):
-            raise ProgramError("SEND or RECV of an undeclared message")
         # Number messages in the order they are sent (core by core): the simulator then walks
         # its per-hop arrays nearly in order, which is what makes it fast on a full wafer.
-        perm = _first_sent(arg[kind == SEND], n_msgs)
+        perm = _first_sent(kind, arg, n_msgs)
+        if perm is None:
+            raise ProgramError("SEND or RECV of an undeclared message")
         new_id = np.empty(n_msgs, dtype=np.int64)
         new_id[perm] = np.arange(n_msgs)
         msg = [v[perm] for v in msg]
-        is_msg = kind != COMPUTE
-        arg[is_msg] = new_id[arg[is_msg]]
         route_ptr, route_link = xy_routes(msg[0], msg[1], self.width)
-
-        # RECV: (message, hop) -> route entry, checked to end at the receiving core.
-        is_recv = kind == RECV
-        m = arg[is_recv]
-        h = column(10, np.int64)[order][is_recv]
-        n_hops = route_ptr[m + 1] - route_ptr[m]
-        if np.any(h >= n_hops):
-            raise ProgramError("RECV at a hop beyond the message's route")
-        entry = np.where(h < 0, route_ptr[m + 1] - 1, route_ptr[m] + h)
-        at = link_dst(route_link[entry], self.width)
-        bad = at != core[is_recv]
-        if np.any(bad):
-            i = int(np.argmax(bad))
-            raise ProgramError(f"RECV on core {core[is_recv][i]} of message {m[i]}, which is not "
-                               f"delivered there (its route passes core {at[i]})")
-        if np.any(~msg[4][m] & (h >= 0) & (h != n_hops - 1)):
-            raise ProgramError("RECV at an intermediate hop of a message that is not multicast")
-        arg[is_recv] = entry
-        del core, m, h, entry, at, bad, is_recv, is_msg
         if len(route_link) and route_link.size >= 2**31:
             raise ProgramError(f"program too large: {route_link.size:,} message hops")
-        arg = arg.astype(np.int32)
-        imm = np.stack([column(11, np.float32)[order], column(12, np.float32)[order]], axis=1)
+        # SEND: the new message id; RECV: (message, hop) -> route entry, checked to end at the
+        # receiving core.
+        err, i, at = _link_messages(core_ptr, kind, arg, placed(10, np.int32), new_id,
+                                    route_ptr, route_link, msg[4], self.width)
+        if err:
+            where = int(np.searchsorted(core_ptr, i, side="right")) - 1
+            raise ProgramError(
+                "RECV at a hop beyond the message's route" if err == 1 else
+                f"RECV on core {where} of message {new_id[arg[i]]}, which is not delivered "
+                f"there (its route passes core {at})" if err == 2 else
+                "RECV at an intermediate hop of a message that is not multicast")
+        imm = np.empty((n, 2), np.float32)
+        placed(11, np.float32, imm[:, 0])
+        placed(12, np.float32, imm[:, 1])
 
         # Default FLOPs and SRAM bytes of compute ops, from the buffers' shapes.
-        flops, nbytes = column(7, np.int64)[order], column(8, np.int64)[order]
-        del order
+        if any(np.max(batch[i], initial=0) >= 2**31 for batch in batches for i in (7, 8)):
+            raise ProgramError(TOO_LARGE)
+        flops, nbytes = placed(7, np.int32), placed(8, np.int32)
+        del placed, pos, batch_at
         coef = np.zeros((len(OP_NAMES), 5), dtype=np.int64)
         for code, row in _COSTS.items():
             coef[code] = row
-        _default_costs(kind, op, a, b, c, buf[1], buf[2], coef, float(DTYPE_BYTES[self.dtype]),
-                       flops, nbytes)
-        if n and max(flops.max(), nbytes.max()) >= 2**31:
-            raise ProgramError("an instruction of more than 2**31 FLOPs or SRAM bytes (a tile "
-                               "larger than any core's SRAM)")
-        flops, nbytes = flops.astype(np.int32), nbytes.astype(np.int32)
+        if not _default_costs(kind, op, a, b, c, buf[1], buf[2], coef,
+                              float(DTYPE_BYTES[self.dtype]), flops, nbytes):
+            raise ProgramError(TOO_LARGE)
         return MeshProgram(
             width=self.width, height=self.height, dtype=self.dtype, core_ptr=core_ptr,
             ins_kind=kind, ins_op=op, ins_a=a, ins_b=b, ins_c=c, ins_flops=flops,
@@ -600,9 +608,24 @@ class ProgramBuilder:
 
 
 @numba.njit(cache=True, nogil=True)
-def _order_by_core(core, step, n_cores):
-    """Instruction order grouping each core's instructions, sorted by step, ties in insertion
-    order (two stable counting sorts: by step, then by core). Returns (order, core_ptr)."""
+def _sram_split(buf_core, buf_rows, buf_cols, buf_tensor, per_layer, dtype_bytes, cores):
+    """MeshProgram.sram_split in one pass over the buffers."""
+    once = np.zeros(cores, np.int64)
+    each = np.zeros(cores, np.int64)
+    for i in range(buf_core.shape[0]):
+        size = np.int64(np.ceil(np.int64(buf_rows[i]) * buf_cols[i] * dtype_bytes))
+        if per_layer[buf_tensor[i]]:
+            each[buf_core[i]] += size
+        else:
+            once[buf_core[i]] += size
+    return once, each
+
+
+@numba.njit(cache=True, nogil=True)
+def _order_by_core(core, step, sizes, n_cores):
+    """Each instruction's place in the program, grouping each core's instructions sorted by
+    step, ties in insertion order (two stable counting sorts: by step, then by core). Returns
+    (place of each instruction added, batch of each place, core_ptr)."""
     n = core.shape[0]
     lo, hi = 0, 0
     if n:
@@ -619,7 +642,7 @@ def _order_by_core(core, step, n_cores):
         count[rank[i] - lo + 1] += 1
     for k in range(span):
         count[k + 1] += count[k]
-    by_step = np.empty(n, np.int64)
+    by_step = np.empty(n, np.int32)
     for i in range(n):
         k = rank[i] - lo
         by_step[count[k]] = i
@@ -630,22 +653,70 @@ def _order_by_core(core, step, n_cores):
     for k in range(n_cores):
         ptr[k + 1] += ptr[k]
     fill = ptr[:-1].copy()
-    order = np.empty(n, np.int64)
+    pos = np.empty(n, np.int32)
     for j in range(n):
         i = by_step[j]
-        order[fill[core[i]]] = i
+        pos[i] = fill[core[i]]
         fill[core[i]] += 1
-    return order, ptr
+    batch_at = np.empty(n, np.int32)
+    at = 0
+    for k in range(sizes.shape[0]):
+        for i in range(at, at + sizes[k]):
+            batch_at[pos[i]] = k
+        at += sizes[k]
+    return pos, batch_at, ptr
+
+
+def _placed(batches, sizes, pos, batch_at, i, dtype, out=None) -> np.ndarray:
+    """Column `i` of the builder's batches in the program's order (`_place`)."""
+    out = np.empty(len(pos), dtype=dtype) if out is None else out
+    table = np.zeros(len(batches), dtype=dtype)
+    arrays = List.empty_list(numba.types.Array(numba.from_dtype(np.dtype(dtype)), 1, "C",
+                                               readonly=True))
+    for k, batch in enumerate(batches):
+        v = np.asarray(batch[i])
+        if v.ndim == 0 or v.strides == (0,):
+            table[k] = v.reshape(-1)[0] if v.size else 0
+            v = table[:0]
+        arrays.append(np.ascontiguousarray(v, dtype=dtype))
+    _place(arrays, table, sizes, pos, batch_at, out)
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
-def _first_sent(sends, n_msgs):
-    """Message ids in the order of their first SEND, then the ones never sent."""
+def _place(arrays, table, sizes, pos, batch_at, out):
+    """Write one column in program order: table[batch] where a batch gave a scalar, the batch's
+    array (arrays[batch], empty for a scalar batch) scattered to its places otherwise."""
+    scalars = False
+    for k in range(sizes.shape[0]):
+        if arrays[k].shape[0] == 0 and sizes[k] > 0:
+            scalars = True
+    if scalars:
+        for j in range(out.shape[0]):
+            out[j] = table[batch_at[j]]
+    at = 0
+    for k in range(sizes.shape[0]):
+        v = arrays[k]
+        if v.shape[0]:
+            for j in range(sizes[k]):
+                out[pos[at + j]] = v[j]
+        at += sizes[k]
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_sent(kind, arg, n_msgs):
+    """Message ids in the order of their first SEND, then the ones never sent; None if a SEND
+    or RECV names an undeclared message."""
     seen = np.zeros(n_msgs, np.bool_)
     perm = np.empty(n_msgs, np.int64)
     k = 0
-    for m in sends:
-        if not seen[m]:
+    for i in range(kind.shape[0]):
+        if kind[i] == COMPUTE:
+            continue
+        m = arg[i]
+        if m < 0 or m >= n_msgs:
+            return None
+        if kind[i] == SEND and not seen[m]:
             seen[m] = True
             perm[k] = m
             k += 1
@@ -657,8 +728,38 @@ def _first_sent(sends, n_msgs):
 
 
 @numba.njit(cache=True, nogil=True)
+def _link_messages(core_ptr, kind, arg, hop, new_id, route_ptr, route_link, multicast, width):
+    """In place: a SEND's message renumbered, a RECV's (message, hop) made its route entry.
+    Returns (fault, instruction, the core its route entry reaches) of the first bad RECV (fault
+    1: hop beyond the route, 2: not delivered at its core, 3: an intermediate hop of a
+    unicast), or (0, -1, -1)."""
+    step = np.array([1, -1, -width, width], np.int64)
+    for c in range(core_ptr.shape[0] - 1):
+        for i in range(core_ptr[c], core_ptr[c + 1]):
+            if kind[i] == COMPUTE:
+                continue
+            m = new_id[arg[i]]
+            if kind[i] == SEND:
+                arg[i] = m
+                continue
+            h, hops = np.int64(hop[i]), route_ptr[m + 1] - route_ptr[m]
+            if h >= hops:
+                return 1, i, -1
+            e = route_ptr[m + 1] - 1 if h < 0 else route_ptr[m] + h
+            link = np.int64(route_link[e])
+            at = link // 4 + step[link % 4]
+            if at != c:
+                return 2, i, at
+            if not multicast[m] and h >= 0 and h != hops - 1:
+                return 3, i, at
+            arg[i] = e
+    return 0, -1, -1
+
+
+@numba.njit(cache=True, nogil=True)
 def _default_costs(kind, op, a, b, c, rows, cols, coef, dtype_bytes, flops, nbytes):
-    """Fill FLOPs and SRAM bytes left at -1 with the op's defaults (`_COSTS`) in place."""
+    """Fill FLOPs and SRAM bytes left at -1 with the op's defaults (`_COSTS`) in place; False
+    if one does not fit the (int32) columns."""
     for i in range(kind.shape[0]):
         if kind[i] != COMPUTE:
             flops[i] = max(flops[i], 0)
@@ -670,11 +771,18 @@ def _default_costs(kind, op, a, b, c, rows, cols, coef, dtype_bytes, flops, nbyt
         sc = np.int64(rows[c[i]]) * cols[c[i]] if c[i] >= 0 else np.int64(0)
         if flops[i] < 0:
             if o == OP_MATMUL_ACC:
-                flops[i] = 2 * sa * cols[b[i]]
+                f = 2 * sa * cols[b[i]]
             elif o == OP_MATMUL_T:
-                flops[i] = 2 * sa * rows[b[i]]
+                f = 2 * sa * rows[b[i]]
             else:
-                flops[i] = coef[o, 0] * sa + coef[o, 1] * sc
+                f = coef[o, 0] * sa + coef[o, 1] * sc
+            if f >= 2**31:
+                return False
+            flops[i] = f
         if nbytes[i] < 0:
             elems = 2 * sa if o == OP_PUT else coef[o, 2] * sa + coef[o, 3] * sb + coef[o, 4] * sc
-            nbytes[i] = np.int64(np.ceil(elems * dtype_bytes))
+            nb = np.int64(np.ceil(elems * dtype_bytes))
+            if nb >= 2**31:
+                return False
+            nbytes[i] = nb
+    return True

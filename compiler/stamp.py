@@ -94,17 +94,14 @@ class Stamped:
     def sram_per_core(self) -> np.ndarray:
         """MeshProgram.sram_per_core of the expanded program, from the parts."""
         t, ports = self.body, self.ports
-        t.require_buffers("SRAM per core")
-        size = t.buffer_bytes()
-        size[:ports] = 0  # the ports are glue buffers, counted there
-        per_layer = t.templated()
-        once = np.bincount(t.buf_core, weights=np.where(per_layer, 0, size),
-                           minlength=self.cores)
-        each = np.bincount(t.buf_core, weights=np.where(per_layer, size, 0),
-                           minlength=self.cores)
+        once, each = (v.copy() for v in t.sram_split)
+        # the ports are glue buffers, counted there
+        size, layer = t.buffer_bytes(slice(ports)), t.templated(slice(ports))
+        np.subtract.at(once, t.buf_core[:ports], np.where(layer, 0, size))
+        np.subtract.at(each, t.buf_core[:ports], np.where(layer, size, 0))
         copy_of, tcore = self._copy_of()
         body = np.where(copy_of >= 0, once[tcore] + each[tcore] * self.loop_count, 0)
-        return self.glue.sram_per_core() + body.astype(np.int64)
+        return self.glue.sram_per_core() + body
 
     def colours_per_core(self) -> np.ndarray:
         """MeshProgram.colours_per_core of the expanded program, from the parts."""

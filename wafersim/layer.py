@@ -61,7 +61,7 @@ from compiler.program import ProgramError
 from compiler.targets import MeshTarget
 from models import build_graph
 from models.config import ModelConfig
-from wafersim.simulate import simulate
+from wafersim.simulate import simulate, simulate_caps
 
 ATTENTION = ("paper", "model")
 PHASES = ("decode", "prefill")
@@ -237,9 +237,7 @@ def _mix(*terms) -> dict:
 
 def _decode_layer(compiled, tgt: MeshTarget):
     """The 2-layer step minus the 1-layer step: (layer, 1-layer step cycles, runs)."""
-    program = compiled.code
-    one, two = (simulate(dataclasses.replace(program, loop_count=np.minimum(
-        program.loop_count, n)), tgt) for n in (1, 2))
+    one, two = simulate_caps(compiled.code, tgt, (1, 2))
     return _mix((1, two), (-1, one)), one.makespan_cycles, [one, two]
 
 

@@ -19,6 +19,7 @@ core this process may use (`kernel_threads`), which gives the same result to the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -491,7 +492,8 @@ def kernel_args(program: MeshProgram | Stamped, target: MeshTarget,
             enc.loop_end, loop_count, arrivals)
 
 
-MAX_EVENTS_ARG = 12  # position of max_events in kernel_args' tuple
+MAX_EVENTS_ARG = 12  # positions of max_events and loop_count in kernel_args' tuple
+LOOP_COUNT_ARG = 16
 THREAD_MIN_HOPS = 1 << 20  # smaller programs run on one thread: starting more costs more
 
 
@@ -513,23 +515,54 @@ def simulate(program: MeshProgram | Stamped, target: MeshTarget, max_events: int
     """Simulate `program` (or a stamped program's parts, as its expansion) on `target`;
     raises SimulationError on deadlock or watchdog. `threads`: the kernel's (default
     `kernel_threads`); any number gives the same result."""
+    return simulate_caps(program, target, (None,), max_events, threads)[0]
+
+
+def simulate_caps(program: MeshProgram | Stamped, target: MeshTarget, caps,
+                  max_events: int | None = None, threads: int | None = None
+                  ) -> list[SimResult]:
+    """`simulate` of `program` with its per-core loop counts capped at each of `caps` (None:
+    uncapped), as wafersim.layer's 1- and 2-layer steps: the program is encoded once (its
+    code words do not depend on the counts) and each run's kernel reuses the encoding."""
     threads = kernel_threads(program) if threads is None else threads
+    runs = [program if cap is None else dataclasses.replace(
+        program, loop_count=np.minimum(program.loop_count, cap)) for cap in caps]
+    out = []
     with ThreadPoolExecutor(1) as pool:
         # The totals beside the kernel; beside the encoding when the kernel takes every core.
-        tallied = pool.submit(totals, program, target) if threads > 1 else None
+        tallied = [pool.submit(totals, run, target) for run in runs] if threads > 1 else None
         args = kernel_args(program, target, max_events, arrivals=False)
-        t0 = time.perf_counter()
         if tallied is None:
-            tallied = pool.submit(totals, program, target)
+            tallied = [pool.submit(totals, run, target) for run in runs]
         else:
-            tallied.result()
-        status, events, core_time, busy, overhead, wait, pc, _arrival, _free = run_kernel(
-            *args, threads=threads)
-        wall = time.perf_counter() - t0
-        tot = tallied.result()
+            tallied[-1].result()
+        for cap, run, tally in zip(caps, runs, tallied):
+            t0 = time.perf_counter()
+            loop_count = args[LOOP_COUNT_ARG]
+            loop_count = loop_count if cap is None else np.minimum(loop_count, cap)
+            status, events, core_time, busy, overhead, wait, pc, _arrival, _free = run_kernel(
+                *args[:LOOP_COUNT_ARG], loop_count, *args[LOOP_COUNT_ARG + 1:],
+                threads=threads)
+            wall = time.perf_counter() - t0
+            _raise_status(status, run, pc, args[MAX_EVENTS_ARG])
+            tot = tally.result()
+            out.append(SimResult(
+                system=target.name, width=run.width, height=run.height,
+                clock_hz=target.clock_hz, makespan_cycles=int(core_time.max(initial=0)),
+                core_busy=busy, core_overhead=overhead, core_wait=wait,
+                core_active=np.diff(args[0]) > 0,
+                link_bytes=tot["link_bytes"], link_busy=tot["link_busy"],
+                messages=int(tot["messages"]), hops=int(tot["hops"]), events=int(events),
+                sim_wall_s=wall, flops=int(tot["flops"]), sram_bytes=int(tot["sram_bytes"]),
+                meta=dict(run.meta)))
+    return out
+
+
+def _raise_status(status: int, program: MeshProgram | Stamped, pc: np.ndarray,
+                  max_events: int) -> None:
     if status == WATCHDOG:
-        raise SimulationError(f"watchdog: more than {args[MAX_EVENTS_ARG]:,} events; the "
-                              "program does not terminate")
+        raise SimulationError(f"watchdog: more than {max_events:,} events; the program does "
+                              "not terminate")
     if status == DEADLOCK:
         raise SimulationError(_deadlock_message(
             program.expand(True) if isinstance(program, Stamped) else program, pc))
@@ -538,16 +571,6 @@ def simulate(program: MeshProgram | Stamped, target: MeshTarget, max_events: int
                               "iteration's copy was received; simulate the layers unrolled")
     if status == FULL:
         raise SimulationError("the engine's event pool is full (a loop runs far ahead)")
-    return SimResult(
-        system=target.name, width=program.width, height=program.height,
-        clock_hz=target.clock_hz, makespan_cycles=int(core_time.max(initial=0)),
-        core_busy=busy, core_overhead=overhead, core_wait=wait,
-        core_active=np.diff(args[0]) > 0,
-        link_bytes=tot["link_bytes"], link_busy=tot["link_busy"],
-        messages=int(tot["messages"]), hops=int(tot["hops"]), events=int(events),
-        sim_wall_s=wall, flops=int(tot["flops"]), sram_bytes=int(tot["sram_bytes"]),
-        meta=dict(program.meta),
-    )
 
 
 def simulate_sampled(lower, target: MeshTarget, full: int, sample: tuple[int, int]
