@@ -18,6 +18,7 @@ A RECV names a *route entry* (one hop of one message): the delivery it waits for
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numba
@@ -443,10 +444,8 @@ class ProgramBuilder:
         start, n = self._n_bufs, len(core)
         if start + n > len(self._buf[0]):
             size = max(2 * len(self._buf[0]), start + n)
-            grown = [np.empty(size, a.dtype) for a in self._buf]
-            for old, new in zip(self._buf, grown):
-                new[:start] = old[:start]
-            self._buf = grown
+            for a in self._buf:  # in place (realloc): no view of them is ever handed out
+                a.resize(size, refcheck=False)
         for a, v in zip(self._buf, (core, rows, cols, role, tensor, r0, c0)):
             a[start:start + n] = v
         self._n_bufs += n
@@ -555,8 +554,7 @@ class ProgramBuilder:
                 raise ProgramError("a loop count must be >= 1")
         del core, step
         kind, op = placed(2, np.int8), placed(3, np.int8)
-        a, b, c = (placed(i, np.int32) for i in (4, 5, 6))
-        arg = placed(9, np.int32)
+        arg, hop = placed(9, np.int32), placed(10, np.int32)
         n_msgs = len(msg[0])
         # Number messages in the order they are sent (core by core): the simulator then walks
         # its per-hop arrays nearly in order, which is what makes it fast on a full wafer.
@@ -566,35 +564,27 @@ class ProgramBuilder:
         new_id = np.empty(n_msgs, dtype=np.int64)
         new_id[perm] = np.arange(n_msgs)
         msg = [v[perm] for v in msg]
-        route_ptr, route_link = xy_routes(msg[0], msg[1], self.width)
-        if len(route_link) and route_link.size >= 2**31:
-            raise ProgramError(f"program too large: {route_link.size:,} message hops")
-        # SEND: the new message id; RECV: (message, hop) -> route entry, checked to end at the
-        # receiving core.
-        err, i, at = _link_messages(core_ptr, kind, arg, placed(10, np.int32), new_id,
-                                    route_ptr, route_link, msg[4], self.width)
-        if err:
-            where = int(np.searchsorted(core_ptr, i, side="right")) - 1
-            raise ProgramError(
-                "RECV at a hop beyond the message's route" if err == 1 else
-                f"RECV on core {where} of message {new_id[arg[i]]}, which is not delivered "
-                f"there (its route passes core {at})" if err == 2 else
-                "RECV at an intermediate hop of a message that is not multicast")
-        imm = np.empty((n, 2), np.float32)
-        placed(11, np.float32, imm[:, 0])
-        placed(12, np.float32, imm[:, 1])
-
-        # Default FLOPs and SRAM bytes of compute ops, from the buffers' shapes.
         if any(np.max(batch[i], initial=0) >= 2**31 for batch in batches for i in (7, 8)):
             raise ProgramError(TOO_LARGE)
-        flops, nbytes = placed(7, np.int32), placed(8, np.int32)
+        with ThreadPoolExecutor(1) as pool:  # the operands beside the routes (Numba, no GIL)
+            operands = pool.submit(_operands, placed, kind, op, buf[1], buf[2], self.dtype)
+            route_ptr, route_link = xy_routes(msg[0], msg[1], self.width)
+            if len(route_link) and route_link.size >= 2**31:
+                raise ProgramError(f"program too large: {route_link.size:,} message hops")
+            # SEND: the new message id; RECV: (message, hop) -> route entry, checked to end at
+            # the receiving core.
+            err, i, at = _link_messages(core_ptr, kind, arg, hop, new_id, route_ptr,
+                                        route_link, msg[4], self.width)
+            if err:
+                where = int(np.searchsorted(core_ptr, i, side="right")) - 1
+                raise ProgramError(
+                    "RECV at a hop beyond the message's route" if err == 1 else
+                    f"RECV on core {where} of message {new_id[arg[i]]}, which is not "
+                    f"delivered there (its route passes core {at})" if err == 2 else
+                    "RECV at an intermediate hop of a message that is not multicast")
+            del hop
+            a, b, c, imm, flops, nbytes = operands.result()
         del placed, pos, batch_at
-        coef = np.zeros((len(OP_NAMES), 5), dtype=np.int64)
-        for code, row in _COSTS.items():
-            coef[code] = row
-        if not _default_costs(kind, op, a, b, c, buf[1], buf[2], coef,
-                              float(DTYPE_BYTES[self.dtype]), flops, nbytes):
-            raise ProgramError(TOO_LARGE)
         return MeshProgram(
             width=self.width, height=self.height, dtype=self.dtype, core_ptr=core_ptr,
             ins_kind=kind, ins_op=op, ins_a=a, ins_b=b, ins_c=c, ins_flops=flops,
@@ -665,6 +655,23 @@ def _order_by_core(core, step, sizes, n_cores):
             batch_at[pos[i]] = k
         at += sizes[k]
     return pos, batch_at, ptr
+
+
+def _operands(placed, kind, op, rows, cols, dtype):
+    """Buffer operands, immediates, FLOPs and SRAM bytes of every instruction in program order;
+    compute ops left at -1 get the op's default costs from the buffers' shapes."""
+    a, b, c = (placed(i, np.int32) for i in (4, 5, 6))
+    imm = np.empty((len(kind), 2), np.float32)
+    placed(11, np.float32, imm[:, 0])
+    placed(12, np.float32, imm[:, 1])
+    flops, nbytes = placed(7, np.int32), placed(8, np.int32)
+    coef = np.zeros((len(OP_NAMES), 5), dtype=np.int64)
+    for code, row in _COSTS.items():
+        coef[code] = row
+    if not _default_costs(kind, op, a, b, c, rows, cols, coef, float(DTYPE_BYTES[dtype]),
+                          flops, nbytes):
+        raise ProgramError(TOO_LARGE)
+    return a, b, c, imm, flops, nbytes
 
 
 def _placed(batches, sizes, pos, batch_at, i, dtype, out=None) -> np.ndarray:

@@ -28,6 +28,7 @@ timing only (`expand(True, short=...)`); wafersim.whole simulates both and extra
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -116,18 +117,27 @@ class Stamped:
     def check(self, target: MeshTarget, what: str = "program") -> None:
         """MeshProgram.check of the expanded program: limits from the parts, the order on
         the timing columns."""
-        check_limits(self.glue.width, self.glue.height, self.sram_per_core(),
-                     self.colours_per_core(), target, what)
-        self.check_order(what)
+        with ThreadPoolExecutor(1) as pool:  # the bodies' order beside the limits (Numba)
+            bodies = pool.submit(self._check_bodies, what)
+            check_limits(self.glue.width, self.glue.height, self.sram_per_core(),
+                         self.colours_per_core(), target, what)
+            bodies.result()
+        self._check_glue(what)
 
     def check_order(self, what: str = "program") -> None:
         """MeshProgram.check_order of the expanded program, from the parts: the body alone,
         then the glue with each copy's body as one node that waits for all its cores'
         instructions before it and precedes all after it. A cycle through the expansion
         would show in one of the two (the second can only add dependencies)."""
+        self._check_bodies(what)
+        self._check_glue(what)
+
+    def _check_bodies(self, what: str) -> None:
         self.body.check_order(what)
         if self.short is not None:
             self.short.check_order(what)
+
+    def _check_glue(self, what: str) -> None:
         g = self.glue
         copy_of, _ = self._copy_of()
         core, at = _deadlock(g.core_ptr, g.ins_kind, g.ins_arg, g.route_ptr, g.n_messages,
