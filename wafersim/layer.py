@@ -61,7 +61,7 @@ from compiler.program import ProgramError
 from compiler.targets import MeshTarget
 from models import build_graph
 from models.config import ModelConfig
-from wafersim.simulate import simulate, simulate_caps
+from wafersim.simulate import simulate, simulate_loops
 
 ATTENTION = ("paper", "model")
 PHASES = ("decode", "prefill")
@@ -237,7 +237,8 @@ def _mix(*terms) -> dict:
 
 def _decode_layer(compiled, tgt: MeshTarget):
     """The 2-layer step minus the 1-layer step: (layer, 1-layer step cycles, runs)."""
-    one, two = simulate_caps(compiled.code, tgt, (1, 2))
+    count = compiled.code.loop_count
+    one, two = simulate_loops(compiled.code, tgt, [np.minimum(count, 1), np.minimum(count, 2)])
     return _mix((1, two), (-1, one)), one.makespan_cycles, [one, two]
 
 

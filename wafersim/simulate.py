@@ -515,31 +515,32 @@ def simulate(program: MeshProgram | Stamped, target: MeshTarget, max_events: int
     """Simulate `program` (or a stamped program's parts, as its expansion) on `target`;
     raises SimulationError on deadlock or watchdog. `threads`: the kernel's (default
     `kernel_threads`); any number gives the same result."""
-    return simulate_caps(program, target, (None,), max_events, threads)[0]
+    return simulate_loops(program, target, [None], max_events, threads)[0]
 
 
-def simulate_caps(program: MeshProgram | Stamped, target: MeshTarget, caps,
-                  max_events: int | None = None, threads: int | None = None
-                  ) -> list[SimResult]:
-    """`simulate` of `program` with its per-core loop counts capped at each of `caps` (None:
-    uncapped), as wafersim.layer's 1- and 2-layer steps: the program is encoded once (its
-    code words do not depend on the counts) and each run's kernel reuses the encoding."""
+def simulate_loops(program: MeshProgram | Stamped, target: MeshTarget, counts,
+                   max_events: int | None = None, threads: int | None = None
+                   ) -> list[SimResult]:
+    """`simulate` of `program` once per entry of `counts`: per-core loop counts (None: the
+    program's own), as wafersim.layer's 1- and 2-layer steps. The program is encoded once, with
+    the largest counts (its code words do not depend on them), and every run reuses it."""
     threads = kernel_threads(program) if threads is None else threads
-    runs = [program if cap is None else dataclasses.replace(
-        program, loop_count=np.minimum(program.loop_count, cap)) for cap in caps]
+    runs = [program if c is None else dataclasses.replace(
+        program, loop_count=np.asarray(c, np.int64)) for c in counts]
+    widest = runs[0] if len(runs) == 1 else dataclasses.replace(
+        program, loop_count=np.max([r.loop_count for r in runs], axis=0))
     out = []
     with ThreadPoolExecutor(1) as pool:
         # The totals beside the kernel; beside the encoding when the kernel takes every core.
         tallied = [pool.submit(totals, run, target) for run in runs] if threads > 1 else None
-        args = kernel_args(program, target, max_events, arrivals=False)
+        args = kernel_args(widest, target, max_events, arrivals=False)
         if tallied is None:
             tallied = [pool.submit(totals, run, target) for run in runs]
         else:
             tallied[-1].result()
-        for cap, run, tally in zip(caps, runs, tallied):
+        for count, run, tally in zip(counts, runs, tallied):
             t0 = time.perf_counter()
-            loop_count = args[LOOP_COUNT_ARG]
-            loop_count = loop_count if cap is None else np.minimum(loop_count, cap)
+            loop_count = args[LOOP_COUNT_ARG] if count is None else run.loop_count
             status, events, core_time, busy, overhead, wait, pc, _arrival, _free = run_kernel(
                 *args[:LOOP_COUNT_ARG], loop_count, *args[LOOP_COUNT_ARG + 1:],
                 threads=threads)
