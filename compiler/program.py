@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import numba
 import numpy as np
-from numba.typed import List
 
 from compiler.targets import DTYPE_BYTES, MeshTarget
 
@@ -564,8 +563,6 @@ class ProgramBuilder:
         new_id = np.empty(n_msgs, dtype=np.int64)
         new_id[perm] = np.arange(n_msgs)
         msg = [v[perm] for v in msg]
-        if any(np.max(batch[i], initial=0) >= 2**31 for batch in batches for i in (7, 8)):
-            raise ProgramError(TOO_LARGE)
         with ThreadPoolExecutor(1) as pool:  # the operands beside the routes (Numba, no GIL)
             operands = pool.submit(_operands, placed, kind, op, buf[1], buf[2], self.dtype)
             route_ptr, route_link = xy_routes(msg[0], msg[1], self.width)
@@ -664,7 +661,7 @@ def _operands(placed, kind, op, rows, cols, dtype):
     imm = np.empty((len(kind), 2), np.float32)
     placed(11, np.float32, imm[:, 0])
     placed(12, np.float32, imm[:, 1])
-    flops, nbytes = placed(7, np.int32), placed(8, np.int32)
+    flops, nbytes = (placed(i, np.int32, limit=2**31) for i in (7, 8))
     coef = np.zeros((len(OP_NAMES), 5), dtype=np.int64)
     for code, row in _COSTS.items():
         coef[code] = row
@@ -674,40 +671,61 @@ def _operands(placed, kind, op, rows, cols, dtype):
     return a, b, c, imm, flops, nbytes
 
 
-def _placed(batches, sizes, pos, batch_at, i, dtype, out=None) -> np.ndarray:
-    """Column `i` of the builder's batches in the program's order (`_place`)."""
+SMALL_BATCH = 4096  # array batches up to this size are concatenated, larger ones scattered
+
+
+def _placed(batches, sizes, pos, batch_at, i, dtype, out=None, limit=None) -> np.ndarray:
+    """Column `i` of the builder's batches in the program's order; a value at or above `limit`
+    raises ProgramError(TOO_LARGE). Scalar and small batches are placed in one Numba call
+    (`_place`), each large batch's array by its own (`_scatter`)."""
     out = np.empty(len(pos), dtype=dtype) if out is None else out
-    table = np.zeros(len(batches), dtype=dtype)
-    arrays = List.empty_list(numba.types.Array(numba.from_dtype(np.dtype(dtype)), 1, "C",
-                                               readonly=True))
+    table = np.zeros(len(batches), dtype=np.float64 if limit is None else np.int64)
+    at = np.full(len(batches), -1, np.int64)  # a small batch's values: small[at[k]:]
+    small, large, n_small, first, scalars = [], [], 0, 0, False
     for k, batch in enumerate(batches):
-        v = np.asarray(batch[i])
-        if v.ndim == 0 or v.strides == (0,):
-            table[k] = v.reshape(-1)[0] if v.size else 0
-            v = table[:0]
-        arrays.append(np.ascontiguousarray(v, dtype=dtype))
-    _place(arrays, table, sizes, pos, batch_at, out)
+        v = batch[i]
+        if np.ndim(v) == 0 or (v.strides == (0,) and len(v)):
+            table[k] = v if np.ndim(v) == 0 else v[0]
+            scalars = True
+        elif limit is not None and v.max() >= limit:
+            raise ProgramError(TOO_LARGE)
+        elif len(v) <= SMALL_BATCH:
+            small.append(v)
+            at[k], n_small = n_small, n_small + len(v)
+        else:
+            large.append((first, v))
+        first += sizes[k]
+    if limit is not None and len(table) and table.max() >= limit:
+        raise ProgramError(TOO_LARGE)
+    small = np.concatenate(small).astype(dtype, copy=False) if small else np.zeros(0, dtype)
+    _place(small, at, table.astype(dtype) if scalars else table[:0].astype(dtype), sizes, pos,
+           batch_at, out)
+    for first, v in large:
+        _scatter(out, pos, first, v)
     return out
 
 
 @numba.njit(cache=True, nogil=True)
-def _place(arrays, table, sizes, pos, batch_at, out):
-    """Write one column in program order: table[batch] where a batch gave a scalar, the batch's
-    array (arrays[batch], empty for a scalar batch) scattered to its places otherwise."""
-    scalars = False
-    for k in range(sizes.shape[0]):
-        if arrays[k].shape[0] == 0 and sizes[k] > 0:
-            scalars = True
-    if scalars:
+def _place(small, at, table, sizes, pos, batch_at, out):
+    """Write one column in program order: table[batch] everywhere if a batch gave a scalar
+    (else the table is empty), then each small batch's values (small[at[batch]:]) at its
+    places."""
+    if table.shape[0]:
         for j in range(out.shape[0]):
             out[j] = table[batch_at[j]]
-    at = 0
+    first = 0
     for k in range(sizes.shape[0]):
-        v = arrays[k]
-        if v.shape[0]:
+        if at[k] >= 0:
             for j in range(sizes[k]):
-                out[pos[at + j]] = v[j]
-        at += sizes[k]
+                out[pos[first + j]] = small[at[k] + j]
+        first += sizes[k]
+
+
+@numba.njit(cache=True, nogil=True)
+def _scatter(out, pos, first, values):
+    """out[pos[first + j]] = values[j]: one large batch's column at its places."""
+    for j in range(values.shape[0]):
+        out[pos[first + j]] = values[j]
 
 
 @numba.njit(cache=True, nogil=True)

@@ -2,10 +2,13 @@
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from compiler import program
 from compiler.algorithms.meshgemm import GEMM_ALGOS, interleaved_ring, lower_gemm
 from compiler.algorithms.meshgemv import GEMV_ALGOS, lower_gemv
-from compiler.program import ProgramError, link_dst
+from compiler.program import OP_ADD, OP_COPY, OP_ZERO, ProgramBuilder, ProgramError, link_dst
 from compiler.targets import WSE2
 from wafersim.functional import execute
 
@@ -236,3 +239,35 @@ def test_extrapolate_follows_the_line_and_never_undercuts_a_cores_work():
     # a core whose work grows faster than the step: the step is at least that work
     e = extrapolate(run(100, [60, 30], 20, 4), run(110, [90, 35], 25, 6), 2, 3, 10)
     assert e.makespan_cycles == 90 + 7 * 30 + 1 and e.meta["work_bound"]
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_builder_orders_batches_like_a_stable_sort(data, monkeypatch):
+    """build() places every column of scalar, broadcast, empty, small and large batches
+    (program.SMALL_BATCH shrunk to 3) where a stable sort by (core, step) puts it."""
+    monkeypatch.setattr(program, "SMALL_BATCH", 3)
+    width, height = 3, 2
+    cores = width * height
+    bld = ProgramBuilder(width, height)
+    bufs = bld.buffers(np.arange(cores), 1, 4)
+    rows = []  # (core, step, op, a, flops) in the order added
+    for _ in range(data.draw(st.integers(1, 8))):
+        n = data.draw(st.integers(0, 7))
+        core = np.array(data.draw(st.lists(st.integers(0, cores - 1), min_size=n, max_size=n)),
+                        np.int64)
+        steps = data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n))
+        step = steps[0] if n and data.draw(st.booleans()) else np.array(steps, np.int64)
+        op = data.draw(st.sampled_from([OP_ADD, OP_COPY, OP_ZERO]))
+        a = np.broadcast_to(bufs[0], n) if data.draw(st.booleans()) else bufs[core]
+        flops = data.draw(st.integers(0, 99))
+        bld.compute(core, step, op, bufs[core], a=a, flops=flops)
+        rows += [(c, s, op, b, flops) for c, s, b in zip(core, np.broadcast_to(step, n), a)]
+    prog = bld.build()
+    want = sorted(range(len(rows)), key=lambda i: (rows[i][0], rows[i][1]))
+    assert list(np.repeat(np.arange(cores), np.diff(prog.core_ptr))) == [rows[i][0]
+                                                                         for i in want]
+    assert list(prog.ins_op) == [rows[i][2] for i in want]
+    assert list(prog.ins_a) == [rows[i][3] for i in want]
+    assert list(prog.ins_flops) == [rows[i][4] for i in want]
