@@ -535,6 +535,8 @@ class ProgramBuilder:
         msg = [np.concatenate([p[i] for p in self._msgs]).astype(t, copy=False) if self._msgs
                else np.zeros(0, t) for i, t in enumerate((np.int32, np.int32, np.int64,
                                                           np.int16, bool))]
+        if n >= 2**31:
+            raise ProgramError(f"program too large: {n:,} instructions")
         core = column(0, np.int32)
         if n and (core.min() < 0 or core.max() >= cores):
             raise ProgramError(f"instruction on a core outside the {self.width}x{self.height} mesh")

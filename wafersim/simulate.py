@@ -8,7 +8,8 @@ per-instruction or per-hop temporaries), whatever the integer dtypes of the prog
 values that do not fit the kernel's int32 words raise SimulationError. A stamped program
 (compiler.stamp) is run from its parts, never expanded: the glue and the layer body are encoded
 once each and the body's words copied into every region (`_encoded_stamped`), and the totals
-are tallied copy by copy; the run is the expansion's to the cycle.
+are tallied copy by copy; the run is the expansion's to the cycle. `simulate_loops` runs one
+program with several sets of loop counts (a 1- and a 2-layer step) from one encoding.
 
 The route check runs beside the encoding, and the totals beside the kernel, each in a second
 thread (all of them are Numba loops that release the GIL): on a machine with two or more cores
