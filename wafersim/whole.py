@@ -46,13 +46,13 @@ def _counts(program: MeshProgram | Stamped, cap: int, region: dict | None = None
 
 
 # Two sampled steps are not always steady (docs/validation.md, "Prefill grid sweeps"): on
-# LLaMA-3-8B's 375 x 375 regions (512 tokens) a step adds 1,476 cycles from 2 to 3 steps and
-# 1,951 once steady (7 to 8), so the layer is 31% longer than steps 2 and 3 say and the TTFT
-# about 28% (at 2,048 tokens: 44% and 27%, still rising at 8 steps); more steps need more
-# memory than the whole model's 13 GB here, so the result carries this warning.
+# LLaMA-3-8B's 375 x 375 regions (512 tokens) a step adds 1,473 cycles from 2 to 3 steps and
+# 1,950 once steady (7 to 8), so the layer is 31% longer than steps 2 and 3 say and the TTFT
+# about 29% (at 2,048 tokens: 42% and 22%, still rising at 8 steps); more steps need more
+# memory than the whole model's 9.7 GB here, so the result carries this warning.
 SAMPLED_CAVEAT = ("steps {} and {} of {} simulated and extrapolated, not checked for steadiness: "
                   "on wide grids later steps run slower, so this time is likely short (about "
-                  "28% for LLaMA-3-8B's 512-token prompt on 375 x 375 regions, docs/validation.md)")
+                  "29% for LLaMA-3-8B's 512-token prompt on 375 x 375 regions, docs/validation.md)")
 
 
 def _run(program: MeshProgram | Stamped, target: MeshTarget, info: dict, layers: str,
