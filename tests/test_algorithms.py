@@ -271,3 +271,38 @@ def test_builder_orders_batches_like_a_stable_sort(data, monkeypatch):
     assert list(prog.ins_op) == [rows[i][2] for i in want]
     assert list(prog.ins_a) == [rows[i][3] for i in want]
     assert list(prog.ins_flops) == [rows[i][4] for i in want]
+
+
+def _bad_builder(fault: str) -> ProgramBuilder:
+    """A 4x1 mesh with one message from core 0 to core 2 (2 hops) and one fault."""
+    bld = ProgramBuilder(4, 1)
+    buf = bld.buffers(np.arange(4), 1, 4)
+    m = bld.messages(0, 2, 8, 0)
+    bld.send(0, 0, 99 if fault == "undeclared" else m, buf[0])
+    core, hop = {"hop": (2, 5), "core": (3, -1), "unicast": (1, 0)}.get(fault, (2, -1))
+    bld.recv(core, 1, m, buf[core], hop=hop)
+    if fault == "flops":
+        bld.compute(1, 2, OP_ADD, buf[1], a=buf[1], b=buf[1], flops=2**31)
+    if fault == "default":
+        big = bld.buffers([1, 1], [2**16, 2**16], [2**16, 2**16])
+        bld.compute(1, 2, program.OP_MATMUL_ACC, big[0], a=big[0], b=big[1])
+    return bld
+
+
+@pytest.mark.parametrize("fault,says", [
+    ("undeclared", "SEND or RECV of an undeclared message"),
+    ("hop", "RECV at a hop beyond the message's route"),
+    ("core", "RECV on core 3 of message 0, which is not delivered there (its route passes "
+             "core 2)"),
+    ("unicast", "RECV at an intermediate hop of a message that is not multicast"),
+    ("flops", program.TOO_LARGE),
+    ("default", program.TOO_LARGE),
+])
+def test_builder_refuses_a_bad_program_in_one_line(fault, says):
+    with pytest.raises(ProgramError) as err:
+        _bad_builder(fault).build()
+    assert str(err.value) == says
+
+
+def test_the_bad_builder_without_its_fault_builds():
+    _bad_builder("none").build()  # so each case above fails on its one fault
