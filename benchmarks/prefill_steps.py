@@ -1,10 +1,10 @@
 """How steady sampled prefill steps are: LLaMA-3-8B's prefill layer alone on a P x P grid of a
 WSE-2 (compiler.prefill_model.layer_alone, model attention), simulated at several step counts T
 and extrapolated to P from each pair of neighbouring counts, as `wafersim layer --phase
-prefill` does.
-It prints the cycles a step adds between the pair, the layer extrapolated from them and the
-busiest core's work per step. The first and the last pair are then compared: how short the
-whole-model prefill (sampled at steps 2 and 3) is per layer and over the model's layers.
+prefill` does. It prints the cycles a step adds between the pair, the layer extrapolated from
+them and the busiest core's work per step. The first and the last pair are then compared: how
+short the whole-model prefill (sampled at steps 2 and 3) is per layer and over the model's
+layers.
 
     python benchmarks/prefill_steps.py                      # 512 tokens on 375 x 375: validation.md
     python benchmarks/prefill_steps.py --prompt 2048 --steps 2,3,6,7,8
