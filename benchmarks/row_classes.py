@@ -1,8 +1,10 @@
 """How alike a layer's rows of cores are: LLaMA-3-8B's decode layer with WaferLLM's paper
 attention on a P x P grid of a WSE-2 (as `wafersim layer --attention paper` compiles it),
 simulated as its 1- and 2-layer steps. It prints the classes of rows whose per-core busy and
-wait cycles in the layer (2- minus 1-layer step) are identical, and the classes of rows and
-columns of the layer body's instruction counts: what a simulation of fewer events could build
+wait cycles in the layer (2- minus 1-layer step) are identical, the classes of rows and
+columns of the layer body's instruction counts, and the share of hops that no arbitration could
+delay (their link is entered from one input port only, over the whole program, so its requests
+come in the order of the upstream link's grants): what a simulation of fewer events could build
 on (docs/performance.md, "Compile and the layer runs").
 
     python benchmarks/row_classes.py --grid 240
@@ -19,6 +21,7 @@ import numpy as np
 from compiler.model import CompileOptions, compile_model
 from compiler.targets import load_target
 from models import build_graph, load_model
+from wafersim.engine import INJECT
 from wafersim.layer import _up, paper_config
 from wafersim.simulate import simulate_loops
 
@@ -35,6 +38,20 @@ def show(what: str, groups: list[np.ndarray]) -> None:
     print(f"{what}: {len(groups)} classes")
     for g in groups:
         print(f"  {len(g)}: {', '.join(str(i) for i in g[:6])}{', ...' if len(g) > 6 else ''}")
+
+
+def one_port_hops(prog) -> tuple[int, int]:
+    """(hops after the first whose link only ever has requests from one input port, hops after
+    the first), over `prog`'s routes. A route's first hop comes from the core (INJECT), a later
+    hop along the previous link's direction."""
+    links = prog.route_link.astype(np.int64)
+    first = np.zeros(len(links), bool)
+    first[prog.route_ptr[:-1][np.diff(prog.route_ptr) > 0]] = True
+    port = np.where(first, INJECT, np.roll(links, 1) % 4)
+    ports = np.zeros(prog.width * prog.height * 4, np.int64)
+    np.bitwise_or.at(ports, links, 1 << port)
+    one = (ports & (ports - 1)) == 0
+    return int((one[links] & ~first).sum()), int((~first).sum())
 
 
 def main() -> None:
@@ -57,6 +74,10 @@ def main() -> None:
     n = np.diff(code.body.core_ptr).reshape(p, p)
     show("rows of the body's instruction counts", classes(n))
     show("columns of the body's instruction counts", classes(n.T))
+    for name, prog in (("glue", code.glue), ("body", code.body)):
+        one, later = one_port_hops(prog)
+        print(f"{name}: {one:,} of {later:,} hops after a route's first ({one / later:.1%}) "
+              f"enter a link that only one input port feeds")
 
 
 if __name__ == "__main__":
