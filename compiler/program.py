@@ -353,6 +353,13 @@ def _deadlock(core_ptr, ins_kind, ins_arg, route_ptr, n_messages, split, copy_of
     return -1, -1
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def far_core(link, width):
+    """The core at the far end of one link (in Numba loops; link_dst for arrays)."""
+    d = link & 3
+    return (link >> 2) + (1 if d == 0 else (-1 if d == 1 else (-width if d == 2 else width)))
+
+
 def link_dst(links: np.ndarray, width: int) -> np.ndarray:
     """The core at the far end of each link."""
     links = np.asarray(links, dtype=np.int64)
@@ -364,13 +371,11 @@ def link_dst(links: np.ndarray, width: int) -> np.ndarray:
 @numba.njit(cache=True, nogil=True)
 def _colours_used(msg_src, msg_colour, route_ptr, route_link, width, cores, n_colours):
     used = np.zeros((cores, n_colours), np.bool_)
-    step = np.array([1, -1, -width, width], np.int64)
     for m in range(msg_src.shape[0]):
         col = msg_colour[m]
         used[msg_src[m], col] = True
         for e in range(route_ptr[m], route_ptr[m + 1]):
-            link = np.int64(route_link[e])
-            used[link // 4 + step[link % 4], col] = True
+            used[far_core(np.int64(route_link[e]), width), col] = True
     return used
 
 
@@ -760,7 +765,6 @@ def _link_messages(core_ptr, kind, arg, hop, new_id, route_ptr, route_link, mult
     Returns (fault, instruction, the core its route entry reaches) of the first bad RECV (fault
     1: hop beyond the route, 2: not delivered at its core, 3: an intermediate hop of a
     unicast), or (0, -1, -1)."""
-    step = np.array([1, -1, -width, width], np.int64)
     for c in range(core_ptr.shape[0] - 1):
         for i in range(core_ptr[c], core_ptr[c + 1]):
             if kind[i] == COMPUTE:
@@ -773,8 +777,7 @@ def _link_messages(core_ptr, kind, arg, hop, new_id, route_ptr, route_link, mult
             if h >= hops:
                 return 1, i, -1
             e = route_ptr[m + 1] - 1 if h < 0 else route_ptr[m] + h
-            link = np.int64(route_link[e])
-            at = link // 4 + step[link % 4]
+            at = far_core(np.int64(route_link[e]), width)
             if at != c:
                 return 2, i, at
             if not multicast[m] and h >= 0 and h != hops - 1:

@@ -396,7 +396,7 @@ def _instruction_index(code, code_ptr, core_ptr, pc):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _far_core(link, width):
-    """The core at the far end of a link (directions as compiler.program.link_dst)."""
+    """compiler.program.far_core (the kernel imports nothing)."""
     d = link & 3
     return (link >> 2) + (1 if d == 0 else (-1 if d == 1 else (-width if d == 2 else width)))
 

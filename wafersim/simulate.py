@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from compiler.program import COMPUTE, KIND_NAMES, RECV, SEND, MeshProgram
+from compiler.program import COMPUTE, KIND_NAMES, RECV, SEND, MeshProgram, far_core
 from compiler.stamp import Stamped
 from compiler.targets import MeshTarget
 from wafersim.engine import (
@@ -66,12 +66,6 @@ def message_cycles(program: MeshProgram, target: MeshTarget) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _far_core(link, width):
-    d = link & 3
-    return (link >> 2) + (1 if d == 0 else (-1 if d == 1 else (-width if d == 2 else width)))
-
-
-@numba.njit(cache=True, nogil=True)
 def _route_shape(route_link, first, end, width):
     """(hops before the turn) << 2 | direction after it, for a route of at most two straight
     runs (as dimension-ordered routing makes), else -1 (the kernel then reads its links)."""
@@ -80,7 +74,7 @@ def _route_shape(route_link, first, end, width):
     turned = False
     for e in range(first + 1, end):
         prev, link = route_link[e - 1], route_link[e]
-        if link >> 2 != _far_core(prev, width):
+        if link >> 2 != far_core(prev, width):
             return -1
         if not turned and link & 3 == prev & 3:
             n1 += 1
@@ -538,7 +532,7 @@ def simulate_loops(program: MeshProgram | Stamped, target: MeshTarget, counts,
         if tallied is None:
             tallied = [pool.submit(totals, run, target) for run in runs]
         else:
-            tallied[-1].result()
+            tallied[-1].result()  # one worker, in order: the last done means all are
         for count, run, tally in zip(counts, runs, tallied):
             t0 = time.perf_counter()
             loop_count = args[LOOP_COUNT_ARG] if count is None else run.loop_count

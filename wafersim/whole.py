@@ -33,7 +33,7 @@ from wafersim.simulate import simulate, simulate_loops, totals
 LAYER_MODES = ("all", "one")
 
 
-def _counts(program: MeshProgram | Stamped, cap: int, region: dict | None = None
+def _capped(program: MeshProgram | Stamped, cap: int, region: dict | None = None
             ) -> np.ndarray:
     """Loop counts capped at `cap` runs; with `region` (a placement), that region's at
     cap + 1."""
@@ -67,11 +67,11 @@ def _run(program: MeshProgram | Stamped, target: MeshTarget, info: dict, layers:
     counts = [p["count"] for p in info["placements"] if p["count"] > 0]
     if sampled:  # the last region's second layer alone (module docstring)
         grown = 1
-        longer = _counts(program, 1, [p for p in info["placements"] if p["count"] >= 2][-1])
+        longer = _capped(program, 1, [p for p in info["placements"] if p["count"] >= 2][-1])
     else:
         grown = sum(c >= 2 for c in counts)  # the regions whose second layer the runs differ by
-        longer = _counts(program, 2)
-    res, two = simulate_loops(program, target, [_counts(program, 1), longer])
+        longer = _capped(program, 2)
+    res, two = simulate_loops(program, target, [_capped(program, 1), longer])
     per_layer = (two.makespan_cycles - res.makespan_cycles) / grown
     makespan = res.makespan_cycles + per_layer * sum(c - 1 for c in counts)
     return res, makespan, res.events + two.events, totals(program, target), True
